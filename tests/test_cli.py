@@ -1,0 +1,76 @@
+"""The feedfan command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from feedfan.cli import main
+
+
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEEDFAN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "feedfan", *args],
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_demo_runs_on_the_embedded_default_with_no_server(tmp_path: Path) -> None:
+    result = run("demo", "--activities", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "dispatcher 'local'" in result.stdout and "storage 'memory'" in result.stdout
+    assert "newest in the timeline of user" in result.stdout
+    assert "feed writes per second" in result.stdout
+    failed = next(line for line in result.stdout.splitlines() if line.startswith("failed chunks"))
+    assert failed.split()[-1] == "0"
+
+
+def test_config_prints_each_value_with_its_source(tmp_path: Path) -> None:
+    (tmp_path / "feedfan.toml").write_text("fanout_chunk_size = 250\n")
+    result = run("config", "--json", cwd=tmp_path, env={"FEEDFAN_QUEUE_LOW": "mine.low"})
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["fanout_chunk_size"] == {
+        "value": "250",
+        "source": f"{tmp_path / 'feedfan.toml'} key 'fanout_chunk_size'",
+    }
+    assert shown["queue_low"]["source"] == "environment variable FEEDFAN_QUEUE_LOW"
+    assert shown["dispatcher"]["source"] == "default"
+
+
+def test_bad_configuration_exits_2_with_one_line_naming_the_source(tmp_path: Path) -> None:
+    result = run("config", cwd=tmp_path, env={"FEEDFAN_DISPATCHER": "sqs"})
+    assert result.returncode == 0  # config prints what it was given; resolving happens on use
+    result = run("worker", "--print", cwd=tmp_path, env={"FEEDFAN_DISPATCHER": "sqs"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown dispatcher 'sqs'; known: celery, rq, dramatiq, local, eager" in result.stderr
+    result = run("config", cwd=tmp_path, env={"FEEDFAN_FANOUT_CHUNK_SIZE": "0"})
+    assert result.returncode == 2
+    assert "environment variable FEEDFAN_FANOUT_CHUNK_SIZE" in result.stderr
+
+
+def test_a_worker_for_an_in_process_dispatcher_explains_there_is_none(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["worker", "--dispatcher", "local"]) == 2
+    assert "runs chunks inside your own process" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2() -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["worker", "--priority", "urgent"])
+    assert raised.value.code == 2

@@ -1,0 +1,175 @@
+"""Limits on chunk size, task size and `extra` size hold on every path, with clear errors."""
+
+from __future__ import annotations
+
+import tracemalloc
+import uuid
+from collections.abc import Iterable, Sequence
+
+import pytest
+
+from feedfan import Activity, ConfigurationError, FanoutPriority, LimitExceededError, Manager
+from feedfan.activity import ObjectId
+from feedfan.dispatch import TaskDispatcher
+from feedfan.task import ChunkTask, PlanTask, Task, make_fanout_id
+
+HIGH, LOW = FanoutPriority.HIGH, FanoutPriority.LOW
+
+
+class Recording(TaskDispatcher):
+    """A queue in a list: what was sent, and how big; runs nothing (like a real broker)."""
+
+    name = "recording"
+
+    def __init__(self, *args: object, keep: bool = True, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.keep = keep
+        self.sent: list[tuple[Task, int]] = []
+        self.count = 0
+
+    def publish(self, task: Task, body: str) -> None:
+        self.count += 1
+        if self.keep:
+            self.sent.append((task, len(body.encode())))
+
+
+class ShortThenLong(Manager):
+    """HIGH followers with short ids, LOW followers with ids of 200 characters."""
+
+    def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, Sequence[str]]:
+        return {HIGH: ["a", "b"], LOW: [f"{'x' * 196}{i:04d}" for i in range(40)]}
+
+
+class Millions(Manager):
+    """A million followers, streamed."""
+
+    def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, Iterable[str]]:
+        return {HIGH: (f"fan-{i}" for i in range(1_000_000))}
+
+
+def _pin(user: object, number: int = 0) -> Activity:
+    return Activity(actor=user, verb="pin", object=f"pin-{number}")  # type: ignore[arg-type]
+
+
+def test_a_chunk_size_above_max_chunk_size_is_refused_where_it_is_set() -> None:
+    class Huge(Manager):
+        fanout_chunk_size = 20_000
+
+    with pytest.raises(ConfigurationError) as raised:
+        Huge(dispatcher="eager")
+    message = str(raised.value)
+    assert "fanout_chunk_size=20000 (from " in message and "Huge.fanout_chunk_size)" in message
+    assert "is above max_chunk_size=10000 (from default)" in message
+    assert "lower the chunk size or raise the limit" in message
+
+
+def test_a_task_over_max_task_bytes_stops_the_fanout_there_and_says_what_was_sent() -> None:
+    # Given followers whose first chunk fits in 4 KiB and whose second does not
+    manager = ShortThenLong(dispatcher="eager", fanout_chunk_size=20, max_task_bytes=4096)
+    activity = _pin(1)
+    # When the activity is added
+    with pytest.raises(LimitExceededError) as raised:
+        manager.add_user_activity(1, activity)
+    # Then the producer hears which task, its size, the limit and how many went before it
+    error = raised.value
+    assert "task feedfan-" in str(error) and "-low-0 is" in str(error)
+    assert "above max_task_bytes=4,096" in str(error)
+    assert "(1 task(s) were accepted before this; none after it was sent)" in str(error)
+    assert error.accepted == 1
+    # And the chunk before it ran, nothing after it did, and the fanout settled with one failure
+    assert manager.get_feed("a").entries() == [(activity.id, activity.sort_key)]
+    assert manager.get_feed(f"{'x' * 196}0000").entries() == []
+    status = manager.fanout_status(make_fanout_id("add", 1, [activity.id], ("timeline",)))
+    assert status is not None and (status.total, status.done, status.failed) == (2, 1, 1)
+
+
+def test_follow_tasks_are_cut_to_fit_max_task_bytes() -> None:
+    # Given two authors with 40 activities each and a 1 KiB task limit
+    class Nobody(Manager):
+        def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, list[str]]:
+            return {}
+
+    manager = Nobody(dispatcher="eager", max_task_bytes=1024)
+    sizes: list[int] = []
+    publish = manager.dispatcher.publish
+
+    def measured(task: Task, body: str) -> None:
+        sizes.append(len(body.encode()))
+        publish(task, body)
+
+    manager.dispatcher.publish = measured  # type: ignore[method-assign]
+    for author in ("ann", "bob"):
+        for number in range(40):
+            manager.add_user_activity(author, _pin(author, number))
+    sizes.clear()
+    # When a reader follows both
+    receipt = manager.follow_many_users("reader", ["ann", "bob"])
+    # Then the 80 entries travel in several tasks, each within the limit, and all arrive
+    assert receipt.chunks == len(sizes) > 1
+    assert max(sizes) <= 1024
+    assert len(manager.get_feed("reader").entries(limit=1000)) == 80
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.complete
+
+
+@pytest.mark.broker
+def test_an_extra_over_the_limit_is_refused_before_anything_is_stored_or_sent(
+    feedfan_redis_url: str,
+) -> None:
+    # Given background planning through a real queue's producer side
+    settings_values = {
+        "redis_url": feedfan_redis_url,
+        "key_prefix": f"fflim-{uuid.uuid4().hex[:6]}:",
+        "max_extra_bytes": 100,
+        "planning": "background",
+    }
+    manager = Manager(dispatcher="eager", **settings_values)
+    recording = Recording(manager.settings, runner=manager.runner)
+    manager.dispatcher = recording
+    try:
+        activity = Activity(actor=1, verb="pin", object=1, extra={"blob": "y" * 500})
+        # When an activity with a 500-byte extra is added
+        with pytest.raises(LimitExceededError, match=r"above max_extra_bytes=100 \(from argument"):
+            manager.add_user_activity(1, activity)
+        # Then nothing was stored, written or sent: no planning task either
+        assert recording.count == 0
+        assert manager.storage.get_activities([activity.id]) == {}
+        assert manager.get_user_feed(1).entries() == []
+    finally:
+        manager.storage.clear()
+        manager.close()
+
+
+def _plan(user: ObjectId, chunk_size: int) -> PlanTask:
+    activity = _pin(user)
+    fanout_id = make_fanout_id("add", user, [activity.id], ("timeline",))
+    entries = ((activity.id, activity.sort_key),)
+    return PlanTask("add", ("timeline",), entries, user, fanout_id, HIGH, chunk_size)
+
+
+def test_a_worker_never_cuts_chunks_above_its_own_max_chunk_size() -> None:
+    # Given a worker allowing 50 followers per chunk, and a producer that asked for 500
+    worker = Millions(dispatcher="eager", fanout_chunk_size=50, max_chunk_size=50)
+    recording = Recording(worker.settings, runner=worker.runner)
+    worker.dispatcher = recording
+    # When the worker plans
+    worker.plan_in_worker(_plan("star", 500))
+    # Then no chunk it sent holds more than 50 followers
+    chunks = [task for task, _ in recording.sent if isinstance(task, ChunkTask)]
+    assert len(chunks) == 1_000_000 // 50
+    assert max(len(task.followers) for task in chunks) == 50
+
+
+def test_a_worker_plans_a_million_followers_in_bounded_memory() -> None:
+    # Given a worker whose queue keeps nothing in this process
+    worker = Millions(dispatcher="eager", fanout_chunk_size=1000)
+    counting = Recording(worker.settings, runner=worker.runner, keep=False)
+    worker.dispatcher = counting
+    # When it plans a fanout to a million followers
+    tracemalloc.start()
+    receipt = worker.plan_in_worker(_plan("star", 1000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # Then it sent 1,000 chunks holding far less than the list of ids at any time
+    assert counting.count == receipt.chunks == 1000
+    assert peak < 25_000_000, f"peak {peak:,} bytes (the 1M ids as a list are over 60 MB)"

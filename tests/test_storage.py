@@ -1,0 +1,173 @@
+"""Storage: Redis (script and pipeline) and memory behave the same."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from feedfan import Activity, MemoryStorage, RedisStorage, StorageError
+from feedfan.storage.base import Storage, WriteBatch
+
+
+@pytest.fixture(params=["memory", "redis-script", "redis-pipeline"])
+def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    url = request.getfixturevalue("feedfan_redis_url")
+    mode = request.param.split("-")[1]
+    store = RedisStorage(url=url, key_prefix=f"st-{uuid.uuid4().hex[:8]}:", write_mode=mode)  # type: ignore[arg-type]
+    yield store
+    store.clear()
+    store.close()
+
+
+def entry(second: int) -> tuple[str, int]:
+    activity = Activity(
+        actor=1,
+        verb="pin",
+        object=second,
+        time=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=second),
+    )
+    return activity.id, activity.sort_key
+
+
+def test_an_add_writes_every_feed_and_trims_each_to_its_length(storage: Storage) -> None:
+    # Given two feeds of different lengths
+    long_key, short_key = storage.feed_key("timeline", 1), storage.feed_key("short", 1)
+    entries = [entry(s) for s in range(5)]
+    # When five entries are added in one batch
+    storage.apply(WriteBatch("add", [(long_key, 10), (short_key, 2)], entries))
+    # Then each feed holds the newest entries it has room for, newest first
+    assert storage.read_feed(long_key, offset=0, limit=10) == list(reversed(entries))
+    assert storage.read_feed(short_key, offset=0, limit=10) == [entries[4], entries[3]]
+
+
+def test_applying_a_batch_twice_is_the_same_as_once(storage: Storage) -> None:
+    key = storage.feed_key("timeline", "x")
+    batch = WriteBatch("add", [(key, 3)], [entry(1), entry(2)], chunk=("f" * 24, "high:0"))
+    storage.apply(batch)
+    first = storage.read_feed(key, offset=0, limit=10)
+    storage.apply(batch)
+    assert storage.read_feed(key, offset=0, limit=10) == first
+    status = storage.fanout_status("f" * 24)
+    assert status is not None and status.done == 1
+
+
+def test_a_remove_takes_entries_out_of_every_feed(storage: Storage) -> None:
+    keys = [(storage.feed_key("timeline", u), 10) for u in range(3)]
+    storage.apply(WriteBatch("add", keys, [entry(1), entry(2)]))
+    storage.apply(WriteBatch("remove", keys, [entry(1)]))
+    for key, _ in keys:
+        assert storage.read_feed(key, offset=0, limit=10) == [entry(2)]
+        assert storage.feed_length(key) == 1
+
+
+def test_a_feed_reads_page_by_page(storage: Storage) -> None:
+    key = storage.feed_key("timeline", 5)
+    entries = [entry(s) for s in range(7)]
+    storage.apply(WriteBatch("add", [(key, 100)], entries))
+    newest_first = list(reversed(entries))
+    assert storage.read_feed(key, offset=0, limit=3) == newest_first[:3]
+    assert storage.read_feed(key, offset=3, limit=3) == newest_first[3:6]
+    assert storage.read_feed(key, offset=6, limit=3) == newest_first[6:]
+    assert storage.read_feed(key, offset=9, limit=3) == []
+
+
+def test_a_large_batch_with_many_entries_is_written_in_one_call(storage: Storage) -> None:
+    # More entries than a Lua unpack() can take at once must still work.
+    key = storage.feed_key("timeline", "big")
+    entries = [(f"{i:016d}abcdef0123", i) for i in range(12_000)]
+    storage.apply(WriteBatch("add", [(key, 20_000)], entries))
+    assert storage.feed_length(key) == 12_000
+    storage.apply(WriteBatch("remove", [(key, 20_000)], entries))
+    assert storage.feed_length(key) == 0
+
+
+def test_activity_bodies_are_stored_once_and_read_back(storage: Storage) -> None:
+    activity = Activity(actor="a", verb="pin", object="p", extra={"k": [1]})
+    storage.store_activities([activity, activity])
+    assert storage.get_activities([activity.id, "missing"]) == {activity.id: activity}
+
+
+def test_fanout_progress_counts_done_and_failed_chunks(storage: Storage) -> None:
+    fanout = "c" * 24
+    storage.begin_fanout(fanout, {"op": "add"})
+    assert storage.fanout_status(fanout).total is None  # type: ignore[union-attr]
+    key = storage.feed_key("timeline", 1)
+    storage.apply(WriteBatch("add", [(key, 5)], [entry(1)], chunk=(fanout, "high:0")))
+    storage.mark_chunk_failed(fanout, "low:0", "boom")
+    storage.end_planning(fanout, 3)
+    status = storage.fanout_status(fanout)
+    assert status is not None
+    assert (status.total, status.done, status.failed, status.pending) == (3, 1, 1, 1)
+    assert not status.complete and not status.settled
+    assert status.meta["op"] == "add"
+    # A failed chunk that later succeeds is counted once, as done
+    storage.apply(WriteBatch("add", [(key, 5)], [entry(1)], chunk=(fanout, "low:0")))
+    storage.mark_chunk_failed(fanout, "low:0", "late duplicate failure")
+    status = storage.fanout_status(fanout)
+    assert (status.done, status.failed) == (2, 0)  # type: ignore[union-attr]
+    assert fanout in storage.recent_fanouts()
+
+
+def test_a_finished_fanout_run_again_counts_afresh_but_a_retry_keeps_counting(
+    storage: Storage,
+) -> None:
+    fanout = "d" * 24
+    key = storage.feed_key("timeline", 1)
+    storage.begin_fanout(fanout, {})
+    storage.apply(WriteBatch("add", [(key, 5)], [entry(1)], chunk=(fanout, "high:0")))
+    # A retry while unfinished keeps the chunk already done
+    storage.begin_fanout(fanout, {})
+    assert storage.fanout_status(fanout).done == 1  # type: ignore[union-attr]
+    storage.end_planning(fanout, 1)
+    assert storage.fanout_status(fanout).complete  # type: ignore[union-attr]
+    # Running the finished fanout again starts from zero
+    storage.begin_fanout(fanout, {})
+    status = storage.fanout_status(fanout)
+    assert status is not None and (status.done, status.total) == (0, None)
+
+
+def test_rejected_messages_are_kept_newest_first_and_pop_oldest_first(storage: Storage) -> None:
+    storage.keep_rejected("q.high", "first", "bad 1")
+    storage.keep_rejected("q.low", "second", "bad 2")
+    kept = storage.rejected()
+    assert [m.reason for m in kept] == ["bad 2", "bad 1"]
+    oldest = storage.pop_rejected()
+    assert oldest is not None and (oldest.queue, oldest.body) == ("q.high", "first")
+
+
+def test_clear_deletes_only_this_prefix(feedfan_redis_url: str) -> None:
+    mine = RedisStorage(url=feedfan_redis_url, key_prefix="mine:")
+    other = RedisStorage(url=feedfan_redis_url, key_prefix="other:")
+    try:
+        for store in (mine, other):
+            store.apply(WriteBatch("add", [(store.feed_key("timeline", 1), 5)], [entry(1)]))
+        assert mine.clear() == 1
+        assert other.feed_length(other.feed_key("timeline", 1)) == 1
+    finally:
+        other.clear()
+
+
+def test_an_unreachable_redis_is_a_storage_error_naming_the_url_without_its_password() -> None:
+    store = RedisStorage(url="redis://:s3cret@127.0.0.1:1/0", connection_options={"retry": None})
+    with pytest.raises(StorageError) as raised:
+        store.ping()
+    assert "redis://:***@127.0.0.1:1/0" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+    assert "FEEDFAN_REDIS_URL" in str(raised.value)
+
+
+def test_a_replayed_chunk_counts_as_pending_again(storage: Storage) -> None:
+    fanout = "e" * 24
+    storage.begin_fanout(fanout, {})
+    storage.mark_chunk_failed(fanout, "high:0", "boom")
+    storage.end_planning(fanout, 1)
+    assert storage.fanout_status(fanout).settled  # type: ignore[union-attr]
+    storage.clear_chunk_failure(fanout, "high:0")
+    status = storage.fanout_status(fanout)
+    assert status is not None and (status.failed, status.pending, status.settled) == (0, 1, False)
