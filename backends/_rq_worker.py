@@ -1,0 +1,324 @@
+"""feedfan's RQ worker classes: JSON jobs only, and no chunk left behind by a killed worker.
+
+RQ records a running job in its queue's ``StartedJobRegistry`` with an
+expiry time; when a worker dies, RQ's periodic maintenance finds the expired
+entry and either spends one of the job's retries or moves it to the failed
+registry, and it looks only every ten minutes by default. feedfan's workers
+change three things:
+
+* a running job's entry expires ``redelivery_timeout`` seconds after its
+  last heartbeat (more than ``chunk_time_limit``, which the settings enforce,
+  so a chunk still running is never taken for lost);
+* maintenance runs every :func:`maintenance_interval` seconds, and first puts
+  every abandoned job back at the head of its queue, without spending a
+  retry, up to :data:`MAX_REDELIVERIES` times (a chunk that took its worker
+  down that often is failed rather than looped on);
+* a work-horse killed under a forking worker is put back the same way at once.
+
+Chunks are idempotent, so running one again is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, cast
+
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from rq.exceptions import DeserializationError, NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.results import Result
+from rq.utils import as_text, current_timestamp
+from rq.worker import BaseWorker, SimpleWorker, Worker
+
+from feedfan.config import Settings
+from feedfan.errors import PayloadError
+from feedfan.runner import get_runner
+from feedfan.task import ChunkTask, decode_task
+
+from ._rq_jobs import FeedfanJob, JSONJobSerializer, failure_reason
+
+__all__ = [
+    "MAX_REDELIVERIES",
+    "FeedfanForkWorker",
+    "FeedfanWorker",
+    "maintenance_interval",
+    "redelivery_bound",
+]
+
+logger = logging.getLogger("feedfan.worker")
+
+MAX_REDELIVERIES = 5
+"""Times a job lost with its worker is delivered again before it is failed as a poison pill."""
+
+_REDELIVERIES = "feedfan_redeliveries"
+_INTERMEDIATE_GRACE = 60
+"""RQ fails a job stuck in a one-queue worker's intermediate list after a minute."""
+
+
+def maintenance_interval(settings: Settings) -> int:
+    """Seconds between a feedfan worker's maintenance passes: a quarter of ``redelivery_timeout``.
+
+    Between 1 and 60: often enough that a lost chunk waits little beyond
+    ``redelivery_timeout``, rarely enough to cost nothing (a few commands
+    per queue).
+    """
+    return max(1, min(settings.redelivery_timeout // 4, 60))
+
+
+def redelivery_bound(settings: Settings) -> float:
+    """Seconds within which a chunk whose worker was SIGKILLed runs again, a worker being up.
+
+    A job's started-registry entry expires ``redelivery_timeout`` after its
+    last heartbeat and the next maintenance pass, at most one interval later,
+    puts it back. A one-queue worker killed between popping a job and
+    registering it leaves it in RQ's intermediate list, which RQ recovers a
+    minute after a maintenance pass first sees it. One more interval covers
+    the queue wait of a job put back at the head of its queue.
+    """
+    interval = maintenance_interval(settings)
+    return float(max(settings.redelivery_timeout, _INTERMEDIATE_GRACE + interval) + 2 * interval)
+
+
+def _retry_dropped_commands(connection: Any) -> None:
+    """Make ``connection`` retry a command whose connection dropped, unless it already does.
+
+    ``rq worker`` and ``rq worker-pool`` build clients on which redis-py
+    retries nothing: a connection dropped in the middle of a command (a Redis
+    restart or failover, ``CLIENT KILL``) raises. RQ handles that while it
+    waits for a job, but not in the heartbeat after each one, where the error
+    makes the worker quit. Retried as feedfan's storage retries its writes.
+    """
+    current = connection.get_retry()
+    if current is None or current.get_retries() == 0:
+        connection.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.05), 6))
+
+
+def _ensure_feedfan_logging() -> None:
+    # `--quiet` silences RQ's per-job lines; feedfan's own events still show at INFO.
+    feedfan_logger = logging.getLogger("feedfan")
+    if not feedfan_logger.handlers and feedfan_logger.level == logging.NOTSET:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        feedfan_logger.addHandler(handler)
+        feedfan_logger.setLevel(logging.INFO)
+        feedfan_logger.propagate = False
+
+
+class _FeedfanWorkerMixin(BaseWorker):
+    """The behaviour both feedfan worker classes share; see the module docstring."""
+
+    log_result_lifespan = False
+
+    def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
+        # Whatever `--serializer` or `--job-class` said (the CLI default is pickle),
+        # feedfan's queues are read as JSON by a job class that runs one function.
+        listed = queues if isinstance(queues, (list, tuple)) else [queues]
+        if kwargs.get("connection") is None:
+            for queue in listed:
+                if isinstance(queue, Queue):
+                    kwargs["connection"] = queue.connection
+                    break
+        kwargs["serializer"] = JSONJobSerializer
+        kwargs["job_class"] = FeedfanJob
+        names = [queue.name if isinstance(queue, Queue) else queue for queue in listed]
+        super().__init__(names, *args, **kwargs)
+        self._lost_job_id: str | None = None
+        self._redelivery_timeout: int | None = None
+        _retry_dropped_commands(self.connection)
+
+    # Settings ---------------------------------------------------------------
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """Build the runner (fail fast on a bad app or settings), then RQ's start-up."""
+        _ensure_feedfan_logging()
+        settings = get_runner().settings
+        self._redelivery_timeout = settings.redelivery_timeout
+        self.maintenance_interval = maintenance_interval(settings)
+        self.job_monitoring_interval = max(1, min(self.job_monitoring_interval, self._third()))
+        super().bootstrap(*args, **kwargs)
+        logger.info(
+            "feedfan RQ worker %s on %s: a chunk lost with its worker runs again after "
+            "%d s (maintenance every %d s, at most %d times)",
+            self.name,
+            ", ".join(self.queue_names()),
+            settings.redelivery_timeout,
+            self.maintenance_interval,
+            MAX_REDELIVERIES,
+        )
+
+    def _third(self) -> int:
+        return max(1, (self._redelivery_timeout or 600) // 3)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """Block on the queues no longer than a maintenance interval, so maintenance runs idle."""
+        return max(1, min(super().dequeue_timeout, int(self.maintenance_interval)))
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long a running job's entry lives without a heartbeat: ``redelivery_timeout``."""
+        timeout = self._redelivery_timeout
+        if timeout is None or (job.timeout and job.timeout >= timeout):
+            return int(super().get_heartbeat_ttl(job, working_time))
+        return timeout
+
+    # Failures ---------------------------------------------------------------
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A malformed job is not retried; say so in one clear line, then RQ's handling."""
+        error = exc_info[1] if len(exc_info) > 1 else None
+        cause = getattr(error, "__cause__", None)
+        refused: Exception | None = error if isinstance(error, PayloadError) else None
+        if isinstance(error, DeserializationError):
+            refused = cause if isinstance(cause, PayloadError) else error
+        if refused is not None:
+            job.retries_left = 0
+            logger.warning(
+                "feedfan refused RQ job %s from queue %s: %s It is kept in that queue's failed "
+                "job registry; the worker goes on.",
+                job.id,
+                job.origin,
+                refused,
+            )
+        super().handle_exception(job, *exc_info)
+
+    def handle_work_horse_killed(self, job: Job, retpid: Any, ret_val: Any, rusage: Any) -> None:
+        """Remember the job of a killed work-horse: it is delivered again, not failed."""
+        self._lost_job_id = job.id
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[no-untyped-call]
+
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Any = None,
+    ) -> None:
+        """Deliver lost jobs again; record a chunk that failed for good in its fanout."""
+        stopped = self._stopped_job_id == job.id
+        lost = not stopped and (
+            self._lost_job_id == job.id
+            # Only a job stuck in the intermediate list fails while still QUEUED.
+            or job.get_status(refresh=False) == JobStatus.QUEUED
+        )
+        self._lost_job_id = None
+        if lost and self._redeliver(job, queue, execution=execution, why=exc_string):
+            return
+        final = stopped or not job.should_retry
+        super().handle_job_failure(
+            job,
+            queue,
+            started_job_registry=started_job_registry,
+            exc_string=exc_string,
+            execution=execution,
+        )
+        if final:
+            _record_failed_chunk(job, failure_reason(exc_string))
+
+    # Redelivery -----------------------------------------------------------
+
+    def clean_registries(self) -> None:
+        """Put abandoned jobs back first, then RQ's own maintenance."""
+        for queue in self.queues:
+            try:
+                self._redeliver_abandoned(queue)
+            except Exception:  # maintenance must never stop the worker
+                logger.exception("feedfan could not check queue %s for lost jobs", queue.name)
+        super().clean_registries()  # type: ignore[no-untyped-call]
+
+    def _redeliver_abandoned(self, queue: Queue) -> None:
+        registry = queue.started_job_registry
+        expired = cast(
+            "list[bytes]", self.connection.zrangebyscore(registry.key, 0, current_timestamp())
+        )
+        for raw in expired:
+            entry = as_text(raw)
+            job_id = entry.split(":", 1)[0]
+            try:
+                job = self.job_class.fetch(
+                    job_id, connection=self.connection, serializer=self.serializer
+                )
+            except NoSuchJobError:
+                continue  # RQ's cleanup drops the stale entry
+            if job.get_status(refresh=False) != JobStatus.STARTED:
+                continue
+            if not self.connection.zrem(registry.key, entry):
+                continue  # another worker claimed it first
+            why = f"its worker stopped heart-beating more than {self._redelivery_timeout} s ago"
+            # The dead worker's execution record goes too: RQ would trip over it on success.
+            execution = Execution.from_composite_key(entry, connection=self.connection)
+            if not self._redeliver(job, queue, why=why, execution=execution):
+                self._fail_lost(job, queue, why, execution)
+
+    def _redeliver(self, job: Job, queue: Queue, *, why: str, execution: Any = None) -> bool:
+        meta = job.meta if isinstance(job.meta, dict) else {}
+        if "unserialized" in meta:
+            return False
+        count = int(meta.get(_REDELIVERIES, 0)) + 1
+        if count > MAX_REDELIVERIES:
+            return False
+        meta[_REDELIVERIES] = count
+        job.meta = meta
+        job.started_at = job.ended_at = None
+        with self.connection.pipeline() as pipe:
+            # A lost chunk has waited already: it goes to the head of its queue.
+            queue.enqueue_job(job, pipeline=pipe, at_front=True)
+            if execution is not None:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+        logger.warning(
+            "feedfan delivers RQ job %s on %s again (%d of %d): %s",
+            job.id,
+            queue.name,
+            count,
+            MAX_REDELIVERIES,
+            (why or "its worker died").strip().splitlines()[0],
+        )
+        return True
+
+    def _fail_lost(self, job: Job, queue: Queue, why: str, execution: Execution) -> None:
+        reason = (
+            f"lost with its worker {MAX_REDELIVERIES + 1} times ({why}); failed as a poison pill"
+        )
+        logger.error("feedfan gives up on RQ job %s on %s: %s", job.id, queue.name, reason)
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            queue.failed_job_registry.add(
+                job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe
+            )
+            Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+        _record_failed_chunk(job, reason)
+
+
+def _record_failed_chunk(job: Job, reason: str) -> None:
+    """Count a chunk that failed for good in its fanout's progress, so the fanout settles."""
+    try:
+        body = job.args[0] if len(job.args) == 1 else None
+        task = decode_task(body) if isinstance(body, str) else None
+        if isinstance(task, ChunkTask):
+            get_runner().manager.storage.mark_chunk_failed(task.fanout_id, task.chunk_key, reason)
+    except Exception:  # the job is failed in RQ either way; progress is best effort
+        logger.debug("feedfan could not record the failure of RQ job %s", job.id, exc_info=True)
+
+
+class FeedfanWorker(_FeedfanWorkerMixin, SimpleWorker):
+    """feedfan's default RQ worker: runs each chunk in its own process, no fork per job.
+
+    About five times the throughput of RQ's forking ``Worker`` on small chunks
+    (see docs/rq.md); a chunk that crashes the interpreter takes the worker
+    with it, and its chunk is delivered again to the next worker.
+    """
+
+
+class FeedfanForkWorker(_FeedfanWorkerMixin, Worker):
+    """RQ's forking worker with feedfan's guarantees: each chunk in a fresh work-horse.
+
+    Choose it for isolation (a leaking or crashing chunk cannot harm the
+    worker); a killed work-horse's chunk is delivered again at once.
+    """

@@ -1,0 +1,643 @@
+"""The RQ adapter beyond the conformance suite: no pickle, one pipeline, redelivery, moving to RQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from feedfan.activity import Activity
+from feedfan.backends._rq_jobs import JSONJobSerializer, failure_reason
+from feedfan.backends.rq import RQDispatcher, RQManager
+from feedfan.config import Settings, load_settings
+from feedfan.errors import BrokerError, ConfigurationError, DispatchError, PayloadError
+from feedfan.fanout import plan_chunks
+from feedfan.manager import Manager
+from feedfan.priority import FanoutPriority
+from feedfan.storage.redis import RedisStorage
+from feedfan.task import ChunkTask
+from feedfan.testing import Harness, MyStreamManager, WorkerProcess, make_user, wait_for
+from feedfan.testing.managers import CHUNK_DELAY_VARIABLE, follower_ids, started_chunks
+
+HIGH, LOW = FanoutPriority.HIGH, FanoutPriority.LOW
+SETTLE = 90.0
+
+
+def _pin(user: str, number: int = 0) -> Activity:
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    return Activity(actor=user, verb="pin", object=f"pin-{number}", time=when)
+
+
+def _namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _chunks(count: int, *, per_priority: bool = False) -> list[ChunkTask]:
+    user = make_user(_namespace(), 0, 0)
+    pin = _pin(user)
+    followers = {HIGH: [f"{user}:h{i}" for i in range(count)]}
+    if per_priority:
+        followers[LOW] = [f"{user}:l{i}" for i in range(count)]
+    return list(
+        plan_chunks(
+            op="add",
+            feeds=("timeline",),
+            entries=[(pin.id, pin.sort_key)],
+            followers=followers,
+            chunk_size=1,
+            fanout_id=uuid.uuid4().hex[:24],
+        )
+    )
+
+
+class _Pickled:
+    """Unpickling this would create a directory: proof that code ran from a payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.makedirs, (str(self.marker),))
+
+
+class CountingRedis(redis.Redis):
+    """A Redis client that counts round trips: single commands and pipeline executions."""
+
+    round_trips = 0
+    fail_on_pipeline: int | None = None
+    pipelines = 0
+
+    @classmethod
+    def at(cls, url: str) -> CountingRedis:
+        """A counting client for ``url``."""
+        return cls(connection_pool=redis.ConnectionPool.from_url(url))
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.round_trips += 1
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        original = pipe.execute
+
+        def execute(raise_on_error: bool = True) -> Any:
+            self.round_trips += 1
+            self.pipelines += 1
+            if self.fail_on_pipeline == self.pipelines:
+                raise redis.ConnectionError("connection reset by peer (simulated)")
+            return original(raise_on_error)
+
+        pipe.execute = execute  # type: ignore[method-assign]
+        return pipe
+
+
+class PinManager(RQManager):
+    """The seed's manager, bound to RQ in code as Stream Framework users do."""
+
+    feed_classes = MyStreamManager.feed_classes
+    get_user_follower_ids = MyStreamManager.get_user_follower_ids
+
+
+@pytest.fixture
+def harness(feedfan_redis_url: str, tmp_path: Path) -> Iterator[Harness]:
+    """RQ with real workers on the session's Redis; everything purged and stopped after."""
+    harness = Harness("rq", log_dir=tmp_path, redis_url=feedfan_redis_url)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def _settle(harness: Harness, manager: Manager, receipt: Any, timeout: float = SETTLE) -> Any:
+    try:
+        return manager.wait(receipt, timeout=timeout)
+    except Exception as e:
+        raise AssertionError(f"{e}\n{harness.worker_logs()}") from None
+
+
+def _timeline(manager: Manager, user: str) -> list[tuple[str, int]]:
+    return manager.get_feed(user, "timeline").entries(limit=100)
+
+
+def _everyone_has(manager: Manager, user: str, pin: Activity) -> bool:
+    return all(
+        _timeline(manager, follower) == [(pin.id, pin.sort_key)]
+        for priority in FanoutPriority
+        for follower in follower_ids(user, priority)
+    )
+
+
+def _kept(dispatcher: Any, count: int) -> list[Any]:
+    wait_for(
+        lambda: len(dispatcher.failed_messages(limit=1000)) >= count,
+        timeout=60,
+        message=f"fewer than {count} failed jobs kept",
+    )
+    kept: list[Any] = dispatcher.failed_messages(limit=1000)
+    return kept
+
+
+# Configuration ---------------------------------------------------------------
+
+
+def test_an_amqp_broker_is_refused_naming_the_setting_and_its_source() -> None:
+    # Given a RabbitMQ broker URL set in the environment
+    settings = load_settings(
+        env={"FEEDFAN_BROKER_URL": "amqp://guest:secret@rabbit:5672/"}, read_files=False
+    )
+    # When the RQ dispatcher is built, then it refuses, naming setting, source and fix
+    with pytest.raises(ConfigurationError) as caught:
+        RQDispatcher(settings)
+    message = str(caught.value)
+    assert "broker_url='amqp://guest:***@rabbit:5672/'" in message
+    assert "environment variable FEEDFAN_BROKER_URL" in message
+    assert "RQ runs on Redis only" in message and "secret" not in message
+
+
+def test_building_the_dispatcher_never_connects_and_errors_name_the_redacted_url() -> None:
+    # Given a broker nobody listens on, with a password
+    settings = load_settings(
+        {"broker_url": "redis://:s3cret@127.0.0.1:1/0"}, env={}, read_files=False
+    )
+    # When the dispatcher is built, nothing happens
+    dispatcher = RQDispatcher(settings)
+    # Then the first use raises BrokerError saying where and what to check, password masked
+    with pytest.raises(BrokerError) as caught:
+        dispatcher.queue_depth(HIGH)
+    message = str(caught.value)
+    assert "redis://:***@127.0.0.1:1/0" in message and "s3cret" not in message
+    assert "broker_url (FEEDFAN_BROKER_URL)" in message
+    dispatcher.close()
+
+
+def test_the_worker_command_is_a_real_rq_worker_listing_high_before_low() -> None:
+    # Given settings with their own queue names
+    settings = load_settings(
+        {"queue_high": "ff.h", "queue_low": "ff.l", "broker_url": "redis://127.0.0.1:6379/3"},
+        env={},
+        read_files=False,
+    )
+    dispatcher = RQDispatcher(settings)
+    # When one process is asked for, LOW listed first
+    single = dispatcher.worker_command([LOW, HIGH], concurrency=1)
+    # Then it is `rq worker` with feedfan's serializer, worker and job classes, HIGH first
+    assert Path(single.argv[0]).name == "rq" and single.argv[1] == "worker"
+    assert single.argv[-2:] == ["ff.h", "ff.l"]
+    shell = single.shell()
+    assert "--serializer feedfan.backends.rq.JSONJobSerializer" in shell
+    assert "--worker-class feedfan.backends.rq.FeedfanWorker" in shell
+    assert "--job-class feedfan.backends.rq.FeedfanJob" in shell
+    assert "--url redis://127.0.0.1:6379/3" in shell
+    # And more processes run as one `rq worker-pool`
+    pool = dispatcher.worker_command([HIGH], concurrency=3)
+    assert pool.argv[1] == "worker-pool" and pool.argv[-3:] == ["--num-workers", "3", "ff.h"]
+
+
+def test_a_broker_password_goes_in_the_environment_not_on_the_command_line() -> None:
+    settings = load_settings(
+        {"broker_url": "redis://:s3cret@127.0.0.1:6379/3"}, env={}, read_files=False
+    )
+    command = RQDispatcher(settings).worker_command([HIGH, LOW], concurrency=1)
+    assert "s3cret" not in command.shell() and command.env == {}
+    assert "--config feedfan.backends._rq_config" in command.shell()
+    assert "--url" not in command.argv
+
+
+def test_the_rq_config_module_gives_rq_the_broker_url_from_feedfans_settings() -> None:
+    # Given the broker URL only in feedfan's environment variable
+    env = {**os.environ, "FEEDFAN_BROKER_URL": "redis://:s3cret@127.0.0.1:6379/3"}
+    # When rq reads the config module the worker command names
+    code = (
+        "from rq.cli.helpers import read_config_file;"
+        "print(read_config_file('feedfan.backends._rq_config'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    # Then it finds exactly that URL
+    assert result.stdout.strip() == "{'REDIS_URL': 'redis://:s3cret@127.0.0.1:6379/3'}"
+
+
+def test_feedfan_worker_print_shows_the_plain_rq_worker_command(tmp_path: Path) -> None:
+    # Given only environment variables choosing RQ
+    env = {
+        **os.environ,
+        "FEEDFAN_DISPATCHER": "rq",
+        "FEEDFAN_BROKER_URL": "redis://127.0.0.1:6379/3",
+        "FEEDFAN_QUEUE_HIGH": "pins.high",
+        "FEEDFAN_QUEUE_LOW": "pins.low",
+    }
+    # When `feedfan worker --print` runs
+    result = subprocess.run(
+        [sys.executable, "-m", "feedfan", "worker", "--print", "--concurrency", "1"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    # Then it prints the `rq worker` line a user can paste
+    line = result.stdout.strip()
+    assert " worker --url redis://127.0.0.1:6379/3 " in line
+    assert line.endswith(" pins.high pins.low")
+
+
+# The JSON serializer -----------------------------------------------------------
+
+
+def test_the_serializer_refuses_pickles_without_loading_them(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    with pytest.raises(PayloadError, match="pickled"):
+        JSONJobSerializer.loads(pickle.dumps(_Pickled(marker)))
+    with pytest.raises(PayloadError, match="not JSON"):
+        JSONJobSerializer.loads(b"cos\nsystem\n(S'true'\ntR.")
+    assert not marker.exists()
+    assert JSONJobSerializer.loads(JSONJobSerializer.dumps(["a", None, ["\udc80"], {}])) == [
+        "a",
+        None,
+        ["\udc80"],
+        {},
+    ]
+
+
+def test_the_failure_reason_is_the_exception_line_with_its_cause() -> None:
+    traceback = (
+        'Traceback (most recent call last):\n  File "x", line 1\n'
+        "feedfan.errors.PayloadError: RQ job data is pickled\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        'Traceback (most recent call last):\n  File "y", line 2\n'
+        "rq.exceptions.DeserializationError\n"
+    )
+    assert failure_reason(traceback) == (
+        "rq.exceptions.DeserializationError "
+        "(caused by feedfan.errors.PayloadError: RQ job data is pickled)"
+    )
+    assert failure_reason("Work-horse terminated unexpectedly; waitpid returned 9") == (
+        "Work-horse terminated unexpectedly; waitpid returned 9"
+    )
+    assert failure_reason("") == "failed (RQ recorded no reason)"
+
+
+# Bulk enqueue ------------------------------------------------------------------
+
+
+def test_all_chunks_of_a_fanout_go_in_one_pipeline(harness: Harness) -> None:
+    # Given a dispatcher on a client that counts round trips, warmed up once
+    settings = harness.settings()
+    client = CountingRedis.at(settings.effective_broker_url)
+    dispatcher = RQDispatcher(settings, connection=client)
+    harness.managers.append(Manager(settings=settings, dispatcher=dispatcher))
+    dispatcher.enqueue_many(_chunks(1))
+    client.round_trips = 0
+    # When 500 HIGH and 500 LOW chunks are sent
+    sent = dispatcher.enqueue_many(_chunks(500, per_priority=True))
+    # Then they took one round trip and wait in their queues
+    assert sent == 1000
+    assert client.round_trips == 1
+    assert (dispatcher.queue_depth(HIGH), dispatcher.queue_depth(LOW)) == (501, 500)
+
+
+def test_a_failed_pipeline_reports_the_chunks_accepted_before_it(harness: Harness) -> None:
+    # Given a client whose second pipeline fails, as if the connection dropped
+    settings = harness.settings()
+    client = CountingRedis.at(settings.effective_broker_url)
+    client.fail_on_pipeline = 2
+    dispatcher = RQDispatcher(settings, connection=client)
+    harness.managers.append(Manager(settings=settings, dispatcher=dispatcher))
+    # When 1,500 chunks are sent in batches of 1,000
+    with pytest.raises(BrokerError) as caught:
+        dispatcher.enqueue_many(_chunks(1500))
+    # Then the error counts the first batch, which is all that reached the queue
+    assert isinstance(caught.value, DispatchError)
+    assert caught.value.accepted == 1000
+    assert "1000 task(s) were accepted" in str(caught.value)
+    client.fail_on_pipeline = None
+    assert dispatcher.queue_depth(HIGH) == 1000
+
+
+def test_job_ids_are_the_task_ids_and_results_are_not_kept(harness: Harness) -> None:
+    settings = harness.settings()
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    chunks = _chunks(2)
+    with harness.held(manager):
+        dispatcher.enqueue_many(chunks)
+        ids = [
+            i.decode() for i in dispatcher.connection.lrange(dispatcher.rq_queue(HIGH).key, 0, -1)
+        ]
+        assert ids == [c.task_id for c in chunks]
+        stored = dispatcher.connection.hgetall(f"rq:job:{chunks[0].task_id}")
+        assert stored[b"result_ttl"] == b"0" and stored[b"timeout"] == b"4"
+        assert int(stored[b"failure_ttl"]) == settings.status_ttl
+        assert stored[b"retries_left"] == b"2"
+
+
+def test_purge_deletes_the_queues_and_their_jobs(harness: Harness) -> None:
+    # Given chunks waiting on both queues
+    settings = harness.settings()
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    chunks = _chunks(2, per_priority=True)
+    dispatcher.enqueue_many(chunks)
+    connection = dispatcher.connection
+    job_key = f"rq:job:{chunks[0].task_id}"
+    assert connection.exists(job_key)
+    # When the dispatcher purges
+    dispatcher.purge()
+    # Then no queue, job or registry of these queues is left
+    assert (dispatcher.queue_depth(HIGH), dispatcher.queue_depth(LOW)) == (0, 0)
+    assert not connection.exists(job_key)
+    assert not list(connection.scan_iter(match=f"*{settings.queue_high}*"))
+
+
+# Bad input -------------------------------------------------------------------------
+
+
+def test_a_pickled_job_is_refused_kept_and_the_worker_goes_on(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a worker, and a raw RQ job whose data is a pickle that would make a directory
+    manager = harness.manager(harness.settings())
+    dispatcher = manager.dispatcher
+    worker = harness.start_worker(manager.settings)
+    assert worker is not None
+    marker = tmp_path / "code-ran-from-a-pickle"
+    dispatcher.push_raw(HIGH, pickle.dumps(_Pickled(marker)), envelope=False)
+    # When a valid fanout follows it on the same queue
+    user = make_user(_namespace(), 3, 2)
+    pin = _pin(user)
+    status = _settle(harness, manager, manager.add_user_activity(user, pin))
+    # Then the valid work is done, nothing was unpickled, and the pickle is kept with why
+    assert (status.done, status.failed) == (2, 0) and _everyone_has(manager, user, pin)
+    kept = _kept(dispatcher, 1)
+    assert not marker.exists(), "a pickled payload was unpickled"
+    assert kept[0].queue == manager.settings.queue_high
+    assert "pickled" in kept[0].reason and "never unpickles" in kept[0].reason
+    assert worker.alive()
+    assert "feedfan refused RQ job raw-" in worker.log_path.read_text()
+
+
+def test_a_malformed_payload_is_kept_with_its_reason_and_the_worker_goes_on(
+    harness: Harness,
+) -> None:
+    manager = harness.manager(harness.settings())
+    dispatcher = manager.dispatcher
+    worker = harness.start_worker(manager.settings)
+    assert worker is not None
+    # Given a well-formed RQ job for feedfan whose task body is not JSON
+    dispatcher.push_raw(LOW, b"this is not json")
+    user = make_user(_namespace(), 1, 4)
+    pin = _pin(user)
+    status = _settle(harness, manager, manager.add_user_activity(user, pin))
+    # Then it is kept once (not retried) with the decoder's reason, and work went on
+    assert (status.done, status.failed) == (2, 0) and _everyone_has(manager, user, pin)
+    kept = _kept(dispatcher, 1)
+    assert len(kept) == 1
+    assert kept[0].body == "this is not json" and kept[0].queue == manager.settings.queue_low
+    assert kept[0].reason.startswith("feedfan.errors.PayloadError: task is not JSON")
+    assert worker.alive()
+
+
+def test_a_job_naming_another_function_is_refused_and_runs_nothing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a JSON job (no pickle) that would call os.makedirs if a worker obeyed it
+    manager = harness.manager(harness.settings())
+    dispatcher = manager.dispatcher
+    marker = tmp_path / "code-ran-from-a-json-job"
+    data = json.dumps(["os.makedirs", None, [str(marker)], {}]).encode()
+    dispatcher.push_raw(HIGH, data, envelope=False)
+    # When a worker takes it
+    harness.start_worker(manager.settings)
+    kept = _kept(dispatcher, 1)
+    # Then nothing ran and the reason names the function
+    assert not marker.exists()
+    assert "calls 'os.makedirs'" in kept[0].reason
+    assert "feedfan's queues run only feedfan.backends.rq.run_task" in kept[0].reason
+
+
+# Failures, replay, redelivery ---------------------------------------------------------
+
+
+def test_a_chunk_that_fails_for_good_is_counted_then_replayed(harness: Harness) -> None:
+    # Given chunks that outlive the time limit, with no retries, and a malformed job
+    settings = harness.settings(chunk_time_limit=1, max_retries=0)
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    slow = harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "3"})
+    assert slow is not None
+    dispatcher.push_raw(HIGH, b"{}")
+    user = make_user(_namespace(), 2, 0)
+    pin = _pin(user)
+    receipt = manager.add_user_activity(user, pin)
+    # When they time out, then the fanout settles with one failed chunk, kept in RQ
+    status = _settle(harness, manager, receipt)
+    assert (status.done, status.failed) == (0, 1)
+    kept = _kept(dispatcher, 2)
+    assert any("JobTimeoutException" in m.reason for m in kept)
+    slow.stop()
+    # And once a normal worker runs, replay sends back only the valid chunk
+    harness.start_worker(settings)
+    assert dispatcher.replay_failed() == 1
+    wait_for(
+        lambda: (s := manager.fanout_status(receipt)) is not None and (s.done, s.failed) == (1, 0),
+        timeout=SETTLE,
+        message=f"the replayed chunk did not run\n{harness.worker_logs()}",
+    )
+    assert _everyone_has(manager, user, pin)
+    assert [m.body for m in dispatcher.failed_messages()] == ["{}"]
+
+
+def test_a_chunk_lost_with_its_worker_runs_again_without_spending_a_retry(
+    harness: Harness,
+) -> None:
+    # Given no retries at all, and a worker in the middle of a slow chunk
+    settings = harness.settings(max_retries=0)
+    manager = harness.manager(settings)
+    storage = manager.storage
+    assert isinstance(storage, RedisStorage)
+    worker = harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "0.7"})
+    assert worker is not None
+    user = make_user(_namespace(), 5, 0)
+    pin = _pin(user)
+    receipt = manager.add_user_activity(user, pin)
+    wait_for(lambda: bool(started_chunks(storage)), timeout=SETTLE, message="no chunk started")
+    # When the whole worker is SIGKILLed and another one starts
+    worker.kill()
+    replacement = harness.start_worker(settings)
+    assert replacement is not None
+    # Then the chunk runs again (RQ alone would fail it: it has no retry left)
+    bound = manager.dispatcher.redelivery_bound()
+    assert bound is not None
+    status = _settle(harness, manager, receipt, timeout=bound + 45)
+    assert (status.done, status.failed) == (1, 0) and _everyone_has(manager, user, pin)
+    assert "again (1 of 5)" in replacement.log_path.read_text()
+    assert manager.dispatcher.failed_messages() == []
+
+
+def test_a_chunk_lost_six_times_is_failed_as_a_poison_pill(harness: Harness) -> None:
+    # Given a chunk recorded as started by a dead worker, already delivered again 5 times
+    settings = harness.settings()
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    user = make_user(_namespace(), 2, 0)
+    receipt = manager.add_user_activity(user, _pin(user))
+    queue = dispatcher.rq_queue(HIGH)
+    connection = dispatcher.connection
+    job_id = connection.lpop(queue.key).decode()
+    connection.hset(
+        f"rq:job:{job_id}",
+        mapping={
+            "status": "started",
+            "meta": JSONJobSerializer.dumps({"feedfan_redeliveries": 5}),
+        },
+    )
+    connection.zadd(queue.started_job_registry.key, {f"{job_id}:deadbeef": 1})
+    # When a worker's maintenance finds it
+    harness.start_worker(settings)
+    # Then it is failed with the reason, and its fanout counts it as failed
+    status = _settle(harness, manager, receipt)
+    assert (status.done, status.failed) == (0, 1)
+    kept = _kept(dispatcher, 1)
+    assert "lost with its worker 6 times" in kept[0].reason
+
+
+def _start_rq(
+    harness: Harness, settings: Settings, worker_class: str, env: dict[str, str]
+) -> WorkerProcess:
+    # The plain `rq worker` line, with the worker class swapped: what a user would paste.
+    command = RQDispatcher(settings).worker_command(list(FanoutPriority), concurrency=1)
+    argv = list(command.argv)
+    argv[argv.index("--worker-class") + 1] = worker_class
+    log_path = harness.log_dir / f"rq-{worker_class.rsplit('.', 1)[-1]}.log"
+    environment = {**os.environ, **settings.to_env(), **command.env, **env}
+    environment["PYTHONPATH"] = os.getcwd()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    worker = WorkerProcess(process, log_path, "all")
+    harness.workers.append(worker)
+    return worker
+
+
+def test_a_forking_workers_killed_horse_is_delivered_again_at_once(harness: Harness) -> None:
+    # Given feedfan's forking worker, with redelivery of dead workers' jobs far away
+    settings = harness.settings(redelivery_timeout=600, chunk_time_limit=30)
+    manager = harness.manager(settings)
+    storage = manager.storage
+    assert isinstance(storage, RedisStorage)
+    worker = _start_rq(
+        harness, settings, "feedfan.backends.rq.FeedfanForkWorker", {CHUNK_DELAY_VARIABLE: "0.7"}
+    )
+    user = make_user(_namespace(), 5, 0)
+    pin = _pin(user)
+    receipt = manager.add_user_activity(user, pin)
+    wait_for(lambda: bool(started_chunks(storage)), timeout=SETTLE, message="no chunk started")
+    # When the work-horse running a chunk is SIGKILLed
+    horse = int(started_chunks(storage)[0]["pid"])  # type: ignore[call-overload]
+    assert horse != worker.pid
+    os.kill(horse, signal.SIGKILL)
+    # Then the same worker runs it again right away, not after redelivery_timeout
+    status = _settle(harness, manager, receipt, timeout=60)
+    assert (status.done, status.failed) == (1, 0) and _everyone_has(manager, user, pin)
+    assert worker.alive()
+    assert "again (1 of 5)" in worker.log_path.read_text()
+
+
+def test_background_planning_runs_in_an_rq_worker(harness: Harness) -> None:
+    # Given planning moved to the workers
+    manager = harness.manager(harness.settings(planning="background"))
+    harness.start_worker(manager.settings)
+    user = make_user(_namespace(), 12, 7)
+    pin = _pin(user)
+    # When a fanout is sent, only its planning task is enqueued
+    receipt = manager.add_user_activity(user, pin)
+    assert receipt.planned_in_background and receipt.chunks == 0
+    # Then a worker plans it, enqueues its chunks through RQ and they all run
+    status = _settle(harness, manager, receipt)
+    assert (status.total, status.done, status.failed) == (5, 5, 0)
+    assert _everyone_has(manager, user, pin)
+
+
+# Moving to RQ ---------------------------------------------------------------------
+
+
+def _run_by_environment(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> tuple[Manager, str, Activity]:
+    for name in [v for v in os.environ if v.startswith("FEEDFAN_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    manager = MyStreamManager()
+    harness.managers.append(manager)
+    user = make_user(_namespace(), 2, 2)
+    pin = _pin(user)
+    _settle(harness, manager, manager.add_user_activity(user, pin))
+    return manager, user, pin
+
+
+def test_the_same_manager_moves_from_celery_to_rq_by_one_variable(
+    feedfan_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("feedfan.backends.celery", reason="the Celery adapter is not installed")
+    monkeypatch.chdir(tmp_path)
+    celery = Harness("celery", log_dir=tmp_path / "celery", redis_url=feedfan_redis_url)
+    rq = Harness("rq", log_dir=tmp_path / "rq", redis_url=feedfan_redis_url)
+    (tmp_path / "celery").mkdir()
+    (tmp_path / "rq").mkdir()
+    try:
+        # Given MyStreamManager run on Celery, configured by environment alone
+        on_celery = celery.settings()
+        celery.start_worker(on_celery)
+        manager, user, pin = _run_by_environment(celery, monkeypatch, on_celery)
+        assert manager.dispatcher.name == "celery" and _everyone_has(manager, user, pin)
+        # When only FEEDFAN_DISPATCHER changes (same Redis as broker and storage)
+        on_rq = on_celery.with_values({"dispatcher": "rq"}, source="test")
+        assert {k: v for k, v in on_rq.to_env().items() if on_celery.to_env().get(k) != v} == {
+            "FEEDFAN_DISPATCHER": "rq"
+        }
+        rq.start_worker(on_rq)
+        moved, other, second = _run_by_environment(rq, monkeypatch, on_rq)
+        # Then the same class fans out through RQ
+        assert moved.dispatcher.name == "rq" and type(moved) is type(manager)
+        assert _everyone_has(moved, other, second)
+    finally:
+        rq.close()
+        celery.close()
+
+
+def test_an_rq_manager_bound_in_code_runs_on_rq_with_its_own_connection(
+    harness: Harness,
+) -> None:
+    # Given settings that name no dispatcher (the default would be `local`)
+    settings = harness.settings(dispatcher="local")
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    # When the Stream Framework style subclass is built with an existing connection
+    manager = PinManager(settings=settings, connection=client)
+    harness.managers.append(manager)
+    # Then RQ runs the fanout on that connection
+    assert isinstance(manager.dispatcher, RQDispatcher)
+    assert manager.dispatcher.connection is client
+    assert manager.settings.sources["dispatcher"] == "PinManager.bound_dispatcher"
+    harness.start_worker(manager.settings)
+    user = make_user(_namespace(), 3, 3)
+    pin = _pin(user)
+    status = _settle(harness, manager, manager.add_user_activity(user, pin))
+    assert (status.done, status.failed) == (2, 0) and _everyone_has(manager, user, pin)
