@@ -1,0 +1,1 @@
+"""Pins, follows and the feed page."""

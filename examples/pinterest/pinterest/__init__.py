@@ -1,0 +1,1 @@
+"""The pinterest example project: pins fanned out to followers' feeds by feedfan."""

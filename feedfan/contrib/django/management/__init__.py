@@ -1,0 +1,1 @@
+"""Management commands of feedfan's Django app."""
