@@ -1,0 +1,227 @@
+"""The benchmark suite in its smoke mode, end to end, on every backend that exists here.
+
+``python -m benchmarks all --smoke`` runs as a user runs it, with real worker
+processes; the test checks the outputs are there and well-formed (JSON keys,
+the PNG, a recommendation per backend), never how fast anything was. The
+recommendation rule itself is checked on made-up sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.backend import parse_backend_name
+from benchmarks.recommend import check_targets, cost_model, recommend
+from benchmarks.run import plan_for
+from feedfan.dispatch import resolve_dispatcher_class
+from feedfan.testing.plugin import in_ci
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+BACKENDS = ["local", "celery-redis", "celery-amqp", "rq-redis", "dramatiq-redis", "dramatiq-amqp"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _smoke(argv: list[str], out: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEEDFAN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *argv, "--out", str(out)],
+        cwd=REPOSITORY,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _require_adapter(dispatcher: str) -> None:
+    try:
+        resolve_dispatcher_class(dispatcher)
+    except Exception as e:
+        if in_ci():
+            pytest.fail(f"the {dispatcher!r} adapter does not import in CI: {e}")
+        pytest.skip(f"the {dispatcher!r} adapter does not import here: {e}")
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_smoke_run_writes_tables_json_a_plot_and_a_recommendation(
+    backend: str, feedfan_redis_url: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Given a backend whose adapter imports, and its servers
+    dispatcher, broker = parse_backend_name(backend)
+    _require_adapter(dispatcher)
+    argv = ["all", "--smoke", "--backend", backend, "--redis-url", feedfan_redis_url]
+    if broker == "amqp":
+        argv += ["--broker-url", request.getfixturevalue("feedfan_amqp_url")]
+    out = tmp_path / "results"
+
+    # When the smoke benchmarks run as a user runs them
+    completed = _smoke(argv, out)
+
+    # Then every step ran correctly and every output is there and well-formed
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    sizes = list(plan_for("smoke").chunk_sizes)
+    assert {"cpu_count", "cpu_model", "ram_gb", "date"} <= results["machine"].keys()
+    assert results["errors"] == []
+    assert results["baselines"]["raw"]["redis_pipeline"]["writes_per_s"] > 0
+    assert results["baselines"]["raw"]["redis_script"]["verified"] is True
+    assert [p["chunk_size"] for p in results["baselines"]["write_modes"]["points"]] == sizes
+    [sweep] = results["sweep"]
+    assert [p["chunk_size"] for p in sweep["points"]] == sizes
+    assert all(p["ok"] and p["verified"] and p["missing_feeds"] == 0 for p in sweep["points"])
+    assert all(p["writes_per_s"] > 0 and p["vs_pipeline"] > 0 for p in sweep["points"])
+    recommendation = results["recommendations"][sweep["backend"]["label"]]
+    assert recommendation["chunk_size"] in sizes
+    assert len(recommendation["reasons"]) >= 3
+    priority = results["priority"]
+    assert priority[0]["chunk_size"] == recommendation["chunk_size"]
+    assert 100 in {section["chunk_size"] for section in priority}
+    layouts = [layout for section in priority for layout in section["layouts"]]
+    assert all(layout["loaded_over_idle"] > 0 for layout in layouts)
+    assert all(layout["loaded"][0]["low_writes_queued_at_send"] > 0 for layout in layouts)
+    [dispatch] = results["dispatch"]
+    assert [p["tasks"] for p in dispatch["points"]] == list(plan_for("smoke").dispatch_counts)
+    assert {t["target"] for t in results["targets"][sweep["backend"]["label"]]}
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    assert sweep["backend"]["label"] in (out / "report.txt").read_text()
+
+
+@pytest.mark.broker
+def test_a_backend_that_does_not_exist_is_reported_with_the_reason(
+    feedfan_redis_url: str, tmp_path: Path
+) -> None:
+    # Given a backend name no adapter answers to
+    argv = ["dispatch", "--smoke", "--backend", "nosuchqueue", "--redis-url", feedfan_redis_url]
+
+    # When the benchmarks are asked for it
+    completed = _smoke(argv, tmp_path / "results")
+
+    # Then the run fails, naming the backend and why, and still writes its results
+    assert completed.returncode == 1
+    assert "skipped nosuchqueue: does not import: unknown dispatcher 'nosuchqueue'" in (
+        completed.stdout
+    )
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["skipped"][0]["name"] == "nosuchqueue"
+
+
+def _point(chunk: int, wps: float, first: float, *, e2e: float = 1.0) -> dict[str, Any]:
+    return {
+        "chunk_size": chunk,
+        "ok": True,
+        "writes_per_s": wps,
+        "end_to_end_s": e2e,
+        "chunks": max(1, 100_000 // chunk),
+        "first_follower_s": first,
+        "producer_s": 0.001,
+        "memory": {"producer_rss_peak_mb": 60.0},
+    }
+
+
+def _sweep(*points: dict[str, Any], limit: int = 120) -> dict[str, Any]:
+    return {
+        "points": list(points),
+        "concurrency": 2,
+        "followers": 100_000,
+        "chunk_time_limit": limit,
+        "redelivery_timeout": 600,
+    }
+
+
+def test_the_recommendation_is_the_plateau_size_whose_first_follower_comes_soonest() -> None:
+    # Given a sweep whose throughput plateaus from 250 on
+    sweep = _sweep(
+        _point(10, 50_000, 0.30),
+        _point(100, 150_000, 0.05),
+        _point(250, 190_000, 0.02),
+        _point(1000, 200_000, 0.021),
+        _point(5000, 195_000, 0.09),
+    )
+
+    # When a chunk size is recommended
+    recommendation = recommend(sweep)
+
+    # Then it is the smallest plateau size among those whose first follower comes soonest
+    assert recommendation["plateau"] == [250, 1000, 5000]
+    assert recommendation["chunk_size"] == 250
+
+
+def test_a_chunk_size_too_slow_for_the_time_limit_is_not_recommended() -> None:
+    # Given a sweep where only huge chunks are fast, and one chunk takes 2 s of a 10 s limit
+    sweep = _sweep(
+        _point(100, 100_000, 0.05, e2e=10.0), _point(5000, 200_000, 0.01, e2e=10.0), limit=10
+    )
+    sweep["points"][1]["chunks"] = 10
+
+    # When a chunk size is recommended
+    recommendation = recommend(sweep)
+
+    # Then the size that fits twenty times in the limit is chosen, and the reasons say why
+    assert recommendation["chunk_size"] == 100
+    assert "the fastest that does is 100, at 50% of the best" in recommendation["reasons"][2]
+
+
+def test_a_chunk_that_would_hold_up_high_fanouts_is_not_recommended() -> None:
+    # Given a sweep where only big chunks are fast, but they hold a worker for 100 ms,
+    # and a HIGH fanout takes 30 ms on idle queues (so a chunk may hold a worker 15 ms)
+    sweep = _sweep(
+        _point(100, 100_000, 0.05, e2e=5.0),
+        _point(1000, 150_000, 0.05, e2e=0.5),
+        _point(5000, 200_000, 0.05, e2e=1.0),
+    )
+    sweep["high_idle_s"] = 0.030
+    sweep["high_followers"] = 1000
+
+    # When a chunk size is recommended
+    recommendation = recommend(sweep)
+
+    # Then the fastest size whose chunks take under 15 ms is chosen, and the reasons say why
+    assert recommendation["chunk_size"] == 1000
+    assert "too long: 5000" in " ".join(recommendation["reasons"])
+
+
+def test_the_cost_model_recovers_a_fixed_and_a_per_follower_cost() -> None:
+    # Given sweep points whose slot time is exactly 4 ms + 10 us per follower
+    points = []
+    for chunk in (10, 100, 1000, 5000):
+        chunks = 100_000 // chunk
+        slot = 0.004 + 10e-6 * chunk
+        points.append({"chunk_size": chunk, "chunks": chunks, "end_to_end_s": slot * chunks / 2})
+
+    # When the cost model is fitted
+    model = cost_model(points, 2)
+
+    # Then it finds both parts
+    assert model is not None
+    assert model[0] == pytest.approx(0.004)
+    assert model[1] == pytest.approx(10e-6)
+
+
+def test_a_missed_target_says_by_how_much() -> None:
+    # Given a backend at 150,000 writes/s against a 120,000 writes/s pipeline baseline
+    sweep = _sweep(_point(100, 150_000, 0.05))
+    baselines = {"raw": {"redis_pipeline": {"writes_per_s": 120_000}}}
+
+    # When the targets are checked
+    targets = check_targets(sweep, recommend(sweep), baselines, None)
+
+    # Then the pipeline target is missed by a stated factor, and unmeasured ones say so
+    by_name = {t["target"]: t for t in targets}
+    pipeline = by_name[">= 1.5x the raw single-client pipeline at the recommended chunk size"]
+    assert pipeline["met"] is False
+    assert pipeline["measured"] == 1.25
+    assert "1.20x short" in pipeline["note"]
+    stream = by_name[">= 20x Stream Framework writes/s at the recommended chunk size"]
+    assert stream["met"] is None
+    assert "no Stream Framework baseline" in stream["note"]
