@@ -32,6 +32,15 @@ OPERATIONS = [
     "tests/test_live_swap.py",
 ]
 PYTEST = ["pytest", "--strict-config", "--strict-markers", "--durations=10"]
+# Broker tests mostly wait on worker processes, so two pytest processes (pytest-xdist)
+# halve their wall time on 2 cores; FEEDFAN_TEST_PROCESSES=0 runs them in one process.
+# Each pytest process claims its own Redis database and RabbitMQ vhost.
+PROCESSES = os.environ.get("FEEDFAN_TEST_PROCESSES", "2")
+
+
+def _parallel(dist: str) -> list[str]:
+    """pytest-xdist options: ``dist`` keeps a module's or class's worker fixtures together."""
+    return [] if PROCESSES == "0" else ["-n", PROCESSES, "--dist", dist]
 
 
 def _install(session: nox.Session, *groups: str, extras: str = "all") -> None:
@@ -83,14 +92,14 @@ def conformance(session: nox.Session, backend: str) -> None:
     existing = [path for path in BACKENDS[backend] if (ROOT / path).exists()]
     if not existing:
         session.error(f"no tests found for backend {backend!r}")
-    session.run(*PYTEST, *existing, *session.posargs)
+    session.run(*PYTEST, *_parallel("loadscope"), *existing, *session.posargs)
 
 
 @nox.session
 def operations(session: nox.Session) -> None:
     """Background planning, status, drain, the doctor and the live swap on every backend."""
     _install(session, "test")
-    session.run(*PYTEST, *OPERATIONS, *session.posargs)
+    session.run(*PYTEST, *_parallel("loadfile"), *OPERATIONS, *session.posargs)
 
 
 @nox.session
@@ -98,6 +107,7 @@ def drills(session: nox.Session) -> None:
     """Fault drills: SIGKILLed workers, broker and Redis outages, floods of malformed tasks.
 
     CI runs them small; `FEEDFAN_DRILL_SCALE=full nox -s drills` runs them full size.
+    They run in one pytest process: the results table is gathered across all drills.
     """
     _install(session, "test")
     session.run(
@@ -133,4 +143,4 @@ def benchmark_planning(session: nox.Session) -> None:
 def benchmarks_smoke(session: nox.Session) -> None:
     """The benchmarks in their tiny smoke mode, end to end, on every backend."""
     _install(session, "test", "bench")
-    session.run(*PYTEST, "tests/test_benchmarks_smoke.py", *session.posargs)
+    session.run(*PYTEST, *_parallel("load"), "tests/test_benchmarks_smoke.py", *session.posargs)
