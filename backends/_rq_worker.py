@@ -37,7 +37,7 @@ from rq.worker import BaseWorker, SimpleWorker, Worker
 from feedfan.config import Settings
 from feedfan.errors import PayloadError
 from feedfan.runner import get_runner
-from feedfan.task import ChunkTask, decode_task
+from feedfan.task import decode_task
 
 from ._rq_jobs import FeedfanJob, JSONJobSerializer, failure_reason
 
@@ -297,12 +297,11 @@ class _FeedfanWorkerMixin(BaseWorker):
 
 
 def _record_failed_chunk(job: Job, reason: str) -> None:
-    """Count a chunk that failed for good in its fanout's progress, so the fanout settles."""
+    """Count a task that failed for good in its fanout's progress, planning tasks included."""
     try:
         body = job.args[0] if len(job.args) == 1 else None
-        task = decode_task(body) if isinstance(body, str) else None
-        if isinstance(task, ChunkTask):
-            get_runner().manager.storage.mark_chunk_failed(task.fanout_id, task.chunk_key, reason)
+        if isinstance(body, str):
+            get_runner().count_failed(decode_task(body), reason)
     except Exception:  # the job is failed in RQ either way; progress is best effort
         logger.debug("feedfan could not record the failure of RQ job %s", job.id, exc_info=True)
 

@@ -94,11 +94,12 @@ class TaskRunner:
                     f"{self.settings.max_chunk_size:,}."
                 )
         except PayloadError as e:
-            self._count_failed(task, f"refused: {e}")
+            self.count_failed(task, f"refused: {e}")
             raise
         return task
 
-    def _count_failed(self, task: Task, reason: str) -> None:
+    def count_failed(self, task: Task, reason: str) -> None:
+        """Count ``task`` as failed in its fanout's progress (a planning task as ``plan``)."""
         chunk = task.chunk_key if isinstance(task, ChunkTask) else PLAN_CHUNK
         try:
             self.manager.storage.mark_chunk_failed(task.fanout_id, chunk, reason)
@@ -133,7 +134,7 @@ class TaskRunner:
         except PayloadError:
             task = None
         if task is not None:
-            self._count_failed(task, reason)
+            self.count_failed(task, reason)
         self.reject(body, queue=queue, reason=f"gave up: {reason}")
 
     def replay_rejected(self, dispatcher: TaskDispatcher, *, limit: int | None = None) -> int:

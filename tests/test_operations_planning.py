@@ -141,6 +141,52 @@ def test_a_worker_plans_with_its_own_app_and_stops_before_a_chunk_over_its_limit
     )
 
 
+_BROKEN_APP = """
+    from feedfan.testing.managers import ConformanceManager
+
+    class BrokenFollowersManager(ConformanceManager):
+        '''A follower database that is down for good.'''
+
+        def get_user_follower_ids(self, user_id):
+            raise RuntimeError("follower database is down")
+"""
+
+
+def test_a_planning_task_that_fails_for_good_counts_as_the_fanouts_failure(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given background planning and a worker whose app cannot read followers, with no retries
+    settings = harness.settings(planning="background", max_retries=0)
+    producer = harness.manager(settings)
+    path = write_module(tmp_path, "broken_followers_app", _BROKEN_APP)
+    worker_settings = settings.replace(app="broken_followers_app:BrokenFollowersManager")
+    user = make_user(namespace(), 3, 2)
+    # When the producer adds an activity and the worker tries to plan it
+    receipt = producer.add_user_activity(user, pin(user))
+    assert receipt.planned_in_background
+    harness.start_worker(worker_settings, env={"PYTHONPATH": str(path)})
+
+    # Then the fanout's progress counts the planning as failed, so `feedfan status` shows it
+    def failed() -> int:
+        status = producer.fanout_status(receipt)
+        return status.failed if status is not None else 0
+
+    wait_for(
+        lambda: failed() == 1,
+        timeout=SETTLE,
+        message=f"planning failure not counted: {producer.fanout_status(receipt)}\n"
+        f"{harness.worker_logs()}",
+    )
+    # And the planning task is kept with its reason, for a person to see and replay
+    wait_for(
+        lambda: any(
+            "follower database is down" in m.reason for m in producer.dispatcher.failed_messages()
+        ),
+        timeout=SETTLE,
+        message=f"planning task not kept: {producer.dispatcher.failed_messages()}",
+    )
+
+
 class _Query:
     """Stands for a database query: iterable, with a length that would load every row."""
 
