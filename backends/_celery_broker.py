@@ -32,6 +32,10 @@ Entry = tuple[str, str, str]
 FLUSH_EVERY = 500
 """Tasks per Redis pipeline round trip, or per RabbitMQ transaction commit."""
 
+_BATCH_COMMANDS = 100 * FLUSH_EVERY
+"""kombu's own flush threshold, in Redis commands: far above :data:`FLUSH_EVERY` tasks
+(a queue with ``x-expires`` costs several commands a message), so only our flushes count."""
+
 _CONNECT_POLICY: dict[str, Any] = {
     "max_retries": 2,
     "interval_start": 0.2,
@@ -90,13 +94,19 @@ class BrokerLink:
             while True:
                 try:
                     producer = self._ensure_producer(declare)
-                    if self.kind == "redis" and producer.supports_batch_publish:
-                        with producer.batch(max_size=4 * FLUSH_EVERY) as batch:
+                    if self.kind == "redis" and getattr(producer, "supports_batch_publish", False):
+                        with producer.batch(max_size=_BATCH_COMMANDS) as batch:
                             for number, entry in enumerate(entries, 1):
                                 self._publish(producer, entry, retry=False)
                                 if number % FLUSH_EVERY == 0:
                                     batch.flush()
                                     accepted = number
+                    elif self.kind == "redis":
+                        # kombu before 5.7, or a connection that retries on timeout or
+                        # error (kombu will not batch it): one LPUSH per task.
+                        for entry in entries:
+                            self._publish(producer, entry, retry=False)
+                            accepted += 1
                     elif self._confirms():
                         for entry in entries:
                             self._publish(producer, entry, retry=True)
@@ -105,14 +115,19 @@ class BrokerLink:
                         for number in self._publish_committed(producer, entries):
                             accepted = number
                     return
-                except FeedfanError:
-                    raise
                 except Exception as e:
+                    # A new connection next time: an uncommitted transaction or a half
+                    # pipeline of this call must never go out with the next one.
                     self._drop()
+                    if isinstance(e, FeedfanError):
+                        raise
                     if stale and not accepted and isinstance(e, self._connection_errors()):
                         stale = False
                         continue
                     raise self.error(e, "did not take the tasks", accepted=accepted) from e
+                except BaseException:
+                    self._drop()
+                    raise
 
     def _confirms(self) -> bool:
         options = self.app.conf.broker_transport_options or {}
@@ -170,10 +185,12 @@ class BrokerLink:
                     connection = self._ensure_connection()
                     with connection.channel() as channel:
                         return action(channel, connection)
-                except FeedfanError:
-                    raise
                 except Exception as e:
+                    # A new connection next time: an uncommitted transaction or a half
+                    # pipeline of this call must never go out with the next one.
                     self._drop()
+                    if isinstance(e, FeedfanError):
+                        raise
                     if stale and isinstance(e, self._connection_errors()):
                         stale = False
                         continue
@@ -249,6 +266,7 @@ class BrokerLink:
 
     def _drop(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
+        self._tx_channel = None
         if connection is not None and self._pid == os.getpid():
             with contextlib.suppress(Exception):
                 connection.release()

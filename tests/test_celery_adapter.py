@@ -744,3 +744,27 @@ def test_feedfan_worker_print_shows_the_celery_command() -> None:
     assert "celery -A feedfan.backends.celery:app worker -Q feedfan.high,feedfan.low" in line
     assert "--prefetch-multiplier 1" in line and "--concurrency 3" in line
     assert "-n feedfan-high-low-" in line
+
+
+@pytest.mark.broker
+def test_a_redis_broker_that_retries_on_timeout_still_takes_every_task(
+    feedfan_redis_url: str, tmp_path: Path
+) -> None:
+    # Given Celery on Redis with retry_on_timeout, which turns kombu's batch publishing off
+    harness = Harness("celery", log_dir=tmp_path, redis_url=feedfan_redis_url)
+    try:
+        manager = harness.manager(harness.settings())
+        dispatcher = manager.dispatcher
+        assert isinstance(dispatcher, CeleryDispatcher)
+        dispatcher.app.conf.broker_transport_options = {"retry_on_timeout": True}
+        # When 1,200 chunk tasks are sent
+        accepted = dispatcher.enqueue_many(_chunks(1200))
+        # Then every one is taken and queued
+        assert accepted == 1200
+        wait_for(
+            lambda: dispatcher.queue_depth(HIGH) == 1200,
+            timeout=20,
+            message=f"queue depth is {dispatcher.queue_depth(HIGH)}, expected 1200",
+        )
+    finally:
+        harness.close()
