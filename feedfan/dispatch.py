@@ -232,19 +232,32 @@ class TaskDispatcher(ABC):
                     accepted=accepted,
                 ) from e
             accepted += len(items)
-            if over is not None:
+            if isinstance(over, LimitExceededError):
                 raise LimitExceededError(
                     f"{over} ({accepted} task(s) were accepted before this; none after it was sent)",
                     accepted=accepted,
                 ) from over
+            if over is not None:
+                raise DispatchError(
+                    f"reading the tasks to send failed: {over!r} ({accepted} task(s) were "
+                    "accepted before this)",
+                    accepted=accepted,
+                ) from over
 
-    def _next_batch(
-        self, tasks: Iterator[Task]
-    ) -> tuple[list[tuple[Task, str]], LimitExceededError | None]:
-        # The tasks before one over a limit are returned to be sent; the error ends the sending.
+    def _next_batch(self, tasks: Iterator[Task]) -> tuple[list[tuple[Task, str]], Exception | None]:
+        # The tasks before one over a limit, or before the source of tasks failed (a follower
+        # cursor that lost its database), are returned to be sent; the error ends the sending.
         items: list[tuple[Task, str]] = []
         size = 0
-        for task in tasks:
+        while True:
+            try:
+                task = next(tasks)
+            except StopIteration:
+                break
+            except FeedfanError:  # bad input (an invalid follower id): the caller's to fix
+                raise
+            except Exception as e:
+                return items, e
             try:
                 body = self.encode(task)
             except LimitExceededError as e:

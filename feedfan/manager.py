@@ -18,6 +18,7 @@ Which job queue runs the fanout is configuration (``dispatcher``), not code.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -48,6 +49,8 @@ from feedfan.storage.base import FanoutStatus, Storage, WriteBatch
 from feedfan.storage.memory import MemoryStorage
 from feedfan.storage.redis import RedisStorage
 from feedfan.task import ChunkTask, Operation, PlanTask, make_fanout_id
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Manager"]
 
@@ -396,6 +399,16 @@ class Manager:
             )
         except LimitExceededError as e:
             raise PayloadError(f"planning of fanout {task.fanout_id} stopped: {e}") from e
+        except DispatchError as e:
+            # The chunks sent so far run; the planning counts as the one failed chunk, so
+            # the fanout settles if this was its last try (a retry opens it again).
+            self._end_failed_planning(task.fanout_id, e.accepted, f"planning failed: {e}")
+            raise
+        except FeedfanError:
+            raise
+        except Exception as e:  # get_user_follower_ids failed before any chunk was sent
+            self._end_failed_planning(task.fanout_id, 0, f"planning failed: {e!r}")
+            raise
 
     # Follows ------------------------------------------------------------------
 
@@ -477,8 +490,14 @@ class Manager:
     def _stop_planning(self, fanout_id: str, error: LimitExceededError) -> None:
         # Nothing after the task over the limit is sent: the fanout ends there,
         # with its planning counted as one failed chunk.
-        self.storage.mark_chunk_failed(fanout_id, PLAN_CHUNK, f"stopped: {error}")
-        self.storage.end_planning(fanout_id, error.accepted + 1)
+        self._end_failed_planning(fanout_id, error.accepted, f"stopped: {error}")
+
+    def _end_failed_planning(self, fanout_id: str, accepted: int, reason: str) -> None:
+        try:
+            self.storage.mark_chunk_failed(fanout_id, PLAN_CHUNK, reason)
+            self.storage.end_planning(fanout_id, accepted + 1)
+        except FeedfanError:  # progress is best effort; the task's own error is what matters
+            logger.exception("feedfan could not record the failed planning of %s", fanout_id)
 
     # Progress -----------------------------------------------------------------
 

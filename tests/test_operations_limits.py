@@ -8,7 +8,14 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from feedfan import Activity, ConfigurationError, FanoutPriority, LimitExceededError, Manager
+from feedfan import (
+    Activity,
+    ConfigurationError,
+    DispatchError,
+    FanoutPriority,
+    LimitExceededError,
+    Manager,
+)
 from feedfan.activity import ObjectId
 from feedfan.dispatch import TaskDispatcher
 from feedfan.task import ChunkTask, PlanTask, Task, make_fanout_id
@@ -173,3 +180,59 @@ def test_a_worker_plans_a_million_followers_in_bounded_memory() -> None:
     # Then it sent 1,000 chunks holding far less than the list of ids at any time
     assert counting.count == receipt.chunks == 1000
     assert peak < 25_000_000, f"peak {peak:,} bytes (the 1M ids as a list are over 60 MB)"
+
+
+class SmallBatches(Recording):
+    """Five tasks a batch, so a fanout of 25 chunks takes five batches."""
+
+    publish_batch_size = 5
+
+
+class CursorDies(Manager):
+    """2,500 followers from a database cursor that loses its connection after 1,250."""
+
+    def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, Iterable[str]]:
+        def rows() -> Iterable[str]:
+            for i in range(2_500):
+                if i == 1_250:
+                    raise ConnectionError("server closed the connection unexpectedly")
+                yield f"fan-{i}"
+
+        return {HIGH: rows()}
+
+
+def test_a_follower_source_failing_midway_says_how_many_chunks_were_accepted() -> None:
+    # Given a queue taking 5 tasks a batch, and followers that fail after 12 chunks of 100
+    manager = CursorDies(dispatcher="eager", planning="inline")
+    dispatcher = SmallBatches(manager.settings, runner=manager.runner)
+    manager.dispatcher = dispatcher
+    # When an activity is added
+    with pytest.raises(DispatchError) as raised:
+        manager.add_user_activity(1, _pin(1))
+    # Then the error names the cause and counts exactly the tasks the queue took
+    error = raised.value
+    assert "server closed the connection unexpectedly" in str(error)
+    assert error.accepted == dispatcher.count == 12
+    assert isinstance(error.__cause__, DispatchError)
+    assert isinstance(error.__cause__.__cause__, ConnectionError)
+
+
+def test_a_planning_task_that_fails_in_a_worker_settles_its_fanout() -> None:
+    # Given a worker whose follower source fails after 12 chunks
+    manager = CursorDies(dispatcher="eager", planning="inline")
+    dispatcher = SmallBatches(manager.settings, runner=manager.runner)
+    manager.dispatcher = dispatcher
+    fanout_id = make_fanout_id("add", 1, ["a"], ("timeline",))
+    plan = PlanTask("add", ("timeline",), (("a" * 26, 1),), 1, fanout_id, HIGH, 100)
+    # When it runs the planning task
+    with pytest.raises(DispatchError):
+        manager.plan_in_worker(plan)
+    # Then the fanout has the 12 chunks sent and the failed planning: it settles when they run
+    status = manager.fanout_status(fanout_id)
+    assert status is not None
+    assert (status.total, status.done, status.failed) == (13, 0, 1)
+    for task, _size in dispatcher.sent:
+        assert isinstance(task, ChunkTask)
+        manager.run_chunk(task)
+    status = manager.fanout_status(fanout_id)
+    assert status is not None and status.settled and (status.done, status.failed) == (12, 1)

@@ -166,13 +166,13 @@ def test_a_planning_task_that_fails_for_good_counts_as_the_fanouts_failure(
     assert receipt.planned_in_background
     harness.start_worker(worker_settings, env={"PYTHONPATH": str(path)})
 
-    # Then the fanout's progress counts the planning as failed, so `feedfan status` shows it
-    def failed() -> int:
+    # Then the fanout's progress counts the planning as failed and settles, so `wait` returns
+    def failed() -> tuple[int | None, int, bool]:
         status = producer.fanout_status(receipt)
-        return status.failed if status is not None else 0
+        return (status.total, status.failed, status.settled) if status else (None, 0, False)
 
     wait_for(
-        lambda: failed() == 1,
+        lambda: failed() == (1, 1, True),
         timeout=SETTLE,
         message=f"planning failure not counted: {producer.fanout_status(receipt)}\n"
         f"{harness.worker_logs()}",
