@@ -42,8 +42,11 @@ class Plan:
     dispatch_followers: int = 100
     baseline_batch: int = 1_000
     peer: bool = True
-    planning: str | None = None
-    """``planning`` setting of the producers; ``None`` keeps the configured one (auto)."""
+    planning: str | None = "inline"
+    """``planning`` setting of the producers; ``None`` keeps the configured one (auto).
+
+    Inline by default: with background planning each LOW backlog fanout is a planning
+    task on the HIGH queue, and the priority step would time planning, not chunks."""
     timeout: float = 0.0
     """Seconds one fanout may take; 0 derives it from the follower count."""
 
