@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from feedfan.config import IN_PROCESS_DISPATCHERS, Settings
+from feedfan.config import Settings
 from feedfan.dispatch import Finding, TaskDispatcher, create_dispatcher
 from feedfan.errors import FeedfanError, StorageError, redact_url
 from feedfan.priority import FanoutPriority
@@ -205,7 +205,14 @@ def _app_dispatcher(settings: Settings, findings: list[Finding]) -> tuple[TaskDi
 
 def run_checks(settings: Settings) -> list[Finding]:
     """Inspect ``settings``, the app and the live brokers; return every finding, errors first."""
-    findings: list[Finding] = []
+    findings: list[Finding] = list(_storage_findings(settings))
+    try:
+        dispatcher, from_app = _app_dispatcher(settings, findings)
+    except FeedfanError as e:
+        findings.append(Finding("error", "dispatcher.unavailable", str(e), "see the message."))
+        return _ordered(findings)
+    # The app's settings: a manager bound in code (RQManager, ...) names its own dispatcher.
+    settings = dispatcher.settings
     if settings.dispatcher == "local" and settings.effective_storage == "redis":
         findings.append(
             Finding(
@@ -216,14 +223,8 @@ def run_checks(settings: Settings) -> list[Finding]:
                 "use celery, rq or dramatiq for fanout that must survive restarts.",
             )
         )
-    findings.extend(_storage_findings(settings))
     try:
-        dispatcher, from_app = _app_dispatcher(settings, findings)
-    except FeedfanError as e:
-        findings.append(Finding("error", "dispatcher.unavailable", str(e), "see the message."))
-        return _ordered(findings)
-    try:
-        if settings.dispatcher not in IN_PROCESS_DISPATCHERS:
+        if not dispatcher.runs_in_process:
             try:
                 dispatcher.ping()
             except FeedfanError as e:

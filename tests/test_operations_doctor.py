@@ -384,3 +384,38 @@ def test_a_redis_that_evicts_keys_is_an_error_for_feeds_and_for_the_broker(
     found = _by_code(run_checks(broker))
     assert found["broker.eviction"].level == "error"
     assert "queued chunks" in found["broker.eviction"].message
+
+
+_BOUND_APP = """
+    from feedfan.backends.rq import RQManager
+
+    class BoundToRQ(RQManager):
+        '''Binds the queue in code, as Stream Framework's docs suggest; no dispatcher setting.'''
+"""
+
+
+def test_the_doctor_checks_the_queue_an_app_binds_in_code(
+    feedfan_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an app whose manager subclasses RQManager, and no dispatcher configured
+    monkeypatch.syspath_prepend(str(write_module(tmp_path, "bound_app", _BOUND_APP)))
+    name = f"ffbound-{uuid.uuid4().hex[:6]}"
+    settings = load_settings(
+        {
+            "app": "bound_app:BoundToRQ",
+            "redis_url": feedfan_redis_url,
+            "key_prefix": f"{name}:",
+            "queue_high": f"{name}.high",
+            "queue_low": f"{name}.low",
+        },
+        env={},
+        read_files=False,
+    )
+    assert settings.dispatcher == "local"
+    # When the doctor looks
+    found = _by_code(run_checks(settings))
+    # Then it checks RQ, the queue workers would use: the broker, and that nobody consumes
+    assert "dispatcher.local" not in found
+    assert found["broker.reachable"].level == "ok"
+    assert found["queue.no-consumer"].level == "error"
+    assert "feedfan worker --priority" in found["queue.no-consumer"].fix
