@@ -303,7 +303,7 @@ def _record_failed_chunk(job: Job, reason: str) -> None:
         if isinstance(body, str):
             get_runner().count_failed(decode_task(body), reason)
     except Exception:  # the job is failed in RQ either way; progress is best effort
-        logger.debug("feedfan could not record the failure of RQ job %s", job.id, exc_info=True)
+        logger.warning("feedfan could not record the failure of RQ job %s", job.id, exc_info=True)
 
 
 class FeedfanWorker(_FeedfanWorkerMixin, SimpleWorker):

@@ -125,7 +125,12 @@ def _storage_findings(settings: Settings) -> Iterator[Finding]:
         if eviction is not None:
             yield eviction
     except redis.RedisError as e:
-        yield Finding("error", "storage.unreachable", f"feed Redis {url} failed: {e}.", "")
+        yield Finding(
+            "error",
+            "storage.unreachable",
+            f"feed Redis {url} failed: {e}.",
+            "start Redis or fix redis_url (FEEDFAN_REDIS_URL); workers cannot write feeds.",
+        )
     finally:
         storage.close()
 
