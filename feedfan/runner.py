@@ -133,9 +133,10 @@ class TaskRunner:
             task = decode_task(body, max_bytes=self.settings.max_task_bytes)
         except PayloadError:
             task = None
+        # Kept first: once the progress says failed, the task can be seen and replayed.
+        self.reject(body, queue=queue, reason=f"gave up: {reason}")
         if task is not None:
             self.count_failed(task, reason)
-        self.reject(body, queue=queue, reason=f"gave up: {reason}")
 
     def replay_rejected(self, dispatcher: TaskDispatcher, *, limit: int | None = None) -> int:
         """Send kept messages that are valid tasks back through ``dispatcher``; return how many.

@@ -110,6 +110,14 @@ def _dead_letter_one_chunk(harness: Harness) -> tuple[Manager, FanoutReceipt, st
     receipt = manager.add_user_activity(user, pin)
     status = manager.wait(receipt, timeout=SETTLE)
     assert (status.total, status.done, status.failed) == (1, 0, 1), harness.worker_logs()
+    # The worker counts the failure before the broker has moved the message to the
+    # dead letters (on RabbitMQ, the nack follows); wait for it to arrive there.
+    dispatcher = _dispatcher(manager)
+    wait_for(
+        lambda: len(dispatcher.failed_messages()) >= 1,
+        timeout=20,
+        message=f"nothing dead-lettered\n{harness.worker_logs()}",
+    )
     return manager, receipt, user, pin
 
 

@@ -236,3 +236,43 @@ def test_a_planning_task_that_fails_in_a_worker_settles_its_fanout() -> None:
         manager.run_chunk(task)
     status = manager.fanout_status(fanout_id)
     assert status is not None and status.settled and (status.done, status.failed) == (12, 1)
+
+
+def test_a_task_given_up_is_kept_before_its_failure_is_counted() -> None:
+    # Given a manager whose storage notes the order of what a worker records
+    manager = Manager(dispatcher="eager")
+    calls: list[str] = []
+    storage = manager.storage
+    keep, mark = storage.keep_rejected, storage.mark_chunk_failed
+
+    def keep_rejected(queue: str, body: str, reason: str) -> None:
+        calls.append("kept")
+        keep(queue, body, reason)
+
+    def mark_chunk_failed(fanout_id: str, chunk_key: str, reason: str) -> None:
+        calls.append("counted")
+        mark(fanout_id, chunk_key, reason)
+
+    storage.keep_rejected = keep_rejected  # type: ignore[method-assign]
+    storage.mark_chunk_failed = mark_chunk_failed  # type: ignore[method-assign]
+    [chunk] = _one_chunk(manager)
+    # When a worker gives the chunk up
+    manager.runner.give_up(chunk.to_json(), queue="feedfan.high", reason="disk full")
+    # Then it is kept before the fanout's progress says it failed: whoever sees the
+    # failure in `feedfan status` can find the task to replay
+    assert calls == ["kept", "counted"]
+
+
+def _one_chunk(manager: Manager) -> list[ChunkTask]:
+    pin = _pin(1)
+    return [
+        ChunkTask(
+            op="add",
+            feeds=tuple(manager.registered_feeds),
+            entries=((pin.id, pin.sort_key),),
+            followers=("a", "b"),
+            fanout_id=make_fanout_id("add", 1, [pin.id], ("timeline",)),
+            priority=HIGH,
+            index=0,
+        )
+    ]
