@@ -102,20 +102,22 @@ def operations(session: nox.Session) -> None:
     session.run(*PYTEST, *_parallel("loadfile"), *OPERATIONS, *session.posargs)
 
 
-@nox.session
-def drills(session: nox.Session) -> None:
-    """Fault drills: SIGKILLed workers, broker and Redis outages, floods of malformed tasks.
-
-    CI runs them small; `FEEDFAN_DRILL_SCALE=full nox -s drills` runs them full size.
-    They run in one pytest process: the results table is gathered across all drills.
-    """
+def _drills(session: nox.Session, scale: str) -> None:
     _install(session, "test")
-    session.run(
-        *PYTEST,
-        "tests/drills",
-        *session.posargs,
-        env={"FEEDFAN_DRILL_SCALE": os.environ.get("FEEDFAN_DRILL_SCALE", "smoke")},
-    )
+    # One pytest process: the results table is gathered across all drills.
+    session.run(*PYTEST, "tests/drills", *session.posargs, env={"FEEDFAN_DRILL_SCALE": scale})
+
+
+@nox.session(name="drills-smoke")
+def drills_smoke(session: nox.Session) -> None:
+    """Fault drills, small (what CI runs): SIGKILLed workers, outages, malformed floods."""
+    _drills(session, "smoke")
+
+
+@nox.session(default=False)
+def drills(session: nox.Session) -> None:
+    """Fault drills, full size: 100,000 followers, 20,000 malformed messages per backend."""
+    _drills(session, "full")
 
 
 @nox.session
