@@ -31,7 +31,7 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
-from rq.utils import as_text, current_timestamp
+from rq.utils import as_text, current_timestamp, now
 from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from feedfan.config import Settings
@@ -55,6 +55,8 @@ MAX_REDELIVERIES = 5
 """Times a job lost with its worker is delivered again before it is failed as a poison pill."""
 
 _REDELIVERIES = "feedfan_redeliveries"
+_HEARTBEAT_EVERY = 1.0
+"""Seconds between a worker's default heartbeats; RQ would send three per job."""
 _INTERMEDIATE_GRACE = 60
 """RQ fails a job stuck in a one-queue worker's intermediate list after a minute."""
 
@@ -127,6 +129,7 @@ class _FeedfanWorkerMixin(BaseWorker):
         names = [queue.name if isinstance(queue, Queue) else queue for queue in listed]
         super().__init__(names, *args, **kwargs)
         self._lost_job_id: str | None = None
+        self._state_sent: str | None = None
         self._redelivery_timeout: int | None = None
         _retry_dropped_commands(self.connection)
 
@@ -157,6 +160,53 @@ class _FeedfanWorkerMixin(BaseWorker):
     def dequeue_timeout(self) -> int:
         """Block on the queues no longer than a maintenance interval, so maintenance runs idle."""
         return max(1, min(super().dequeue_timeout, int(self.maintenance_interval)))
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's worker heartbeat in one round trip, and at most once a second between jobs.
+
+        RQ sends its three commands one by one, three times per job (before
+        and after each wait for a job, and after each job): nine of the
+        twenty-nine round trips a chunk cost. Here each is one pipeline, and
+        the default-TTL heartbeat is skipped when one went out less than a
+        second ago: the worker's key still has minutes to live.
+        """
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        last = self.last_heartbeat
+        if (
+            timeout is None
+            and last is not None
+            and 0 <= (now() - last).total_seconds() < _HEARTBEAT_EVERY
+        ):
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            pipe.execute()
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's state change, not sent again when Redis already holds it.
+
+        A one-process worker sets IDLE after each job and again as it starts
+        waiting for the next: the second write is a round trip for nothing.
+        """
+        if pipeline is None and state == self._state_sent:
+            self._state = state
+            return
+        super().set_state(state, pipeline=pipeline)
+        self._state_sent = state if pipeline is None else None
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """Mark the end; the job heartbeat RQ sends here only matters to a callback.
+
+        It keeps a job's ``last_heartbeat`` fresh while an ``on_success`` or
+        ``on_failure`` callback runs; feedfan's chunks have none, and their
+        status is written in the same transaction right after.
+        """
+        if job.success_callback is not None or job.failure_callback is not None:
+            super().handle_execution_ended(job, queue, heartbeat_ttl)
+            return
+        job.ended_at = now()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job's entry lives without a heartbeat: ``redelivery_timeout``."""

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from feedfan.runner import TaskRunner
 
 __all__ = [
+    "FINISHED_JOB_TTL",
     "FeedfanForkWorker",
     "FeedfanJob",
     "FeedfanWorker",
@@ -69,6 +70,9 @@ __all__ = [
 ]
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+FINISHED_JOB_TTL = 10
+"""Seconds RQ keeps a finished chunk's job (its ``result_ttl``); see docs/rq.md."""
 
 if int(RQ_VERSION.split(".")[0]) < 3:  # worker hooks and registries changed in RQ 3.0
     raise MissingDependencyError(
@@ -191,7 +195,7 @@ class RQDispatcher(TaskDispatcher):
             "job_id": task.task_id,
             "description": f"feedfan {kind} of fanout {task.fanout_id}",
             "timeout": self.settings.chunk_time_limit,
-            "result_ttl": 0,
+            "result_ttl": FINISHED_JOB_TTL,
             # A failed chunk is kept as long as the fanout progress that counts it.
             "failure_ttl": self.settings.status_ttl,
             "retry": Retry(max=retries) if retries else None,
@@ -215,6 +219,10 @@ class RQDispatcher(TaskDispatcher):
         with sending, self.connection.pipeline(transaction=True) as pipe:
             for priority, datas in by_queue.items():
                 self.rq_queue(priority).enqueue_many(datas, pipeline=pipe)
+            # A task sent again keeps its job id: drop the expiry its finished
+            # (or failed) job had, or the waiting job could vanish from its queue.
+            for task, _ in items:
+                pipe.persist(Job.key_for(task.task_id))
             pipe.execute()
 
     # Workers -----------------------------------------------------------------

@@ -19,7 +19,7 @@ import redis
 
 from feedfan.activity import Activity
 from feedfan.backends._rq_jobs import JSONJobSerializer, failure_reason
-from feedfan.backends.rq import RQDispatcher, RQManager
+from feedfan.backends.rq import FINISHED_JOB_TTL, RQDispatcher, RQManager
 from feedfan.config import Settings, load_settings
 from feedfan.errors import BrokerError, ConfigurationError, DispatchError, PayloadError
 from feedfan.fanout import plan_chunks
@@ -327,7 +327,7 @@ def test_a_failed_pipeline_reports_the_chunks_accepted_before_it(harness: Harnes
     assert dispatcher.queue_depth(HIGH) == 1000
 
 
-def test_job_ids_are_the_task_ids_and_results_are_not_kept(harness: Harness) -> None:
+def test_job_ids_are_the_task_ids_and_finished_jobs_are_kept_briefly(harness: Harness) -> None:
     settings = harness.settings()
     manager = harness.manager(settings)
     dispatcher = manager.dispatcher
@@ -340,9 +340,36 @@ def test_job_ids_are_the_task_ids_and_results_are_not_kept(harness: Harness) -> 
         ]
         assert ids == [c.task_id for c in chunks]
         stored = dispatcher.connection.hgetall(f"rq:job:{chunks[0].task_id}")
-        assert stored[b"result_ttl"] == b"0" and stored[b"timeout"] == b"4"
+        assert int(stored[b"result_ttl"]) == FINISHED_JOB_TTL and stored[b"timeout"] == b"4"
         assert int(stored[b"failure_ttl"]) == settings.status_ttl
         assert stored[b"retries_left"] == b"2"
+
+
+def test_a_finished_chunk_is_kept_briefly_and_sent_again_it_does_not_expire(
+    harness: Harness,
+) -> None:
+    # Given a chunk that ran: RQ keeps its job for FINISHED_JOB_TTL seconds, then drops it
+    settings = harness.settings()
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    worker = harness.start_worker(settings)
+    assert worker is not None
+    chunk = _chunks(1)[0]
+    key = f"rq:job:{chunk.task_id}"
+    dispatcher.enqueue_many([chunk])
+    wait_for(
+        lambda: dispatcher.connection.hget(key, "status") == b"finished",
+        timeout=SETTLE,
+        message=f"the chunk did not finish\n{harness.worker_logs()}",
+    )
+    assert 0 < dispatcher.connection.ttl(key) <= FINISHED_JOB_TTL
+    worker.stop()
+    # When the same task is sent again (a replay) with no worker to run it
+    dispatcher.enqueue_many([chunk])
+    # Then its job waits without the old expiry: it cannot vanish from its queue
+    assert dispatcher.connection.ttl(key) == -1
+    assert dispatcher.connection.hget(key, "status") == b"queued"
 
 
 def test_purge_deletes_the_queues_and_their_jobs(harness: Harness) -> None:
