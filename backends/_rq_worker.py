@@ -294,7 +294,14 @@ class _FeedfanWorkerMixin(BaseWorker):
                 )
             except NoSuchJobError:
                 continue  # RQ's cleanup drops the stale entry
-            if job.get_status(refresh=False) != JobStatus.STARTED:
+            status = job.get_status(refresh=False)
+            if status == JobStatus.QUEUED:
+                # Registered, then its worker died before the status said STARTED (RQ
+                # writes them one round trip apart). Unless it is waiting in a list, RQ's
+                # own cleanup would drop the entry and the chunk with it.
+                if self._still_listed(queue, job.id):
+                    continue
+            elif status != JobStatus.STARTED:
                 continue
             if not self.connection.zrem(registry.key, entry):
                 continue  # another worker claimed it first
@@ -303,6 +310,13 @@ class _FeedfanWorkerMixin(BaseWorker):
             execution = Execution.from_composite_key(entry, connection=self.connection)
             if not self._redeliver(job, queue, why=why, execution=execution):
                 self._fail_lost(job, queue, why, execution)
+
+    def _still_listed(self, queue: Queue, job_id: str) -> bool:
+        """Whether ``job_id`` waits in ``queue`` or in RQ's intermediate list for it."""
+        return any(
+            self.connection.lpos(key, job_id) is not None
+            for key in (queue.key, queue.intermediate_queue_key)
+        )
 
     def _redeliver(self, job: Job, queue: Queue, *, why: str, execution: Any = None) -> bool:
         meta = job.meta if isinstance(job.meta, dict) else {}

@@ -516,6 +516,32 @@ def test_a_chunk_lost_with_its_worker_runs_again_without_spending_a_retry(
     assert manager.dispatcher.failed_messages() == []
 
 
+def test_a_chunk_registered_by_a_worker_killed_before_it_began_runs_again(
+    harness: Harness,
+) -> None:
+    # Given a chunk a dead worker had popped and registered as running (RQ writes the
+    # started registry one round trip before the job's status), so it is still QUEUED
+    settings = harness.settings()
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    user = make_user(_namespace(), 2, 0)
+    pin = _pin(user)
+    receipt = manager.add_user_activity(user, pin)
+    queue = dispatcher.rq_queue(HIGH)
+    connection = dispatcher.connection
+    job_id = connection.lpop(queue.key).decode()
+    assert connection.hget(f"rq:job:{job_id}", "status") == b"queued"
+    connection.zadd(queue.started_job_registry.key, {f"{job_id}:deadbeef": 1})
+    # When a worker's maintenance finds its expired entry
+    worker = harness.start_worker(settings)
+    assert worker is not None
+    # Then the chunk runs (RQ's own cleanup would drop the entry and the chunk with it)
+    status = _settle(harness, manager, receipt, timeout=30)
+    assert (status.done, status.failed) == (1, 0) and _everyone_has(manager, user, pin)
+    assert "again (1 of 5)" in worker.log_path.read_text()
+
+
 def test_a_chunk_lost_six_times_is_failed_as_a_poison_pill(harness: Harness) -> None:
     # Given a chunk recorded as started by a dead worker, already delivered again 5 times
     settings = harness.settings()
