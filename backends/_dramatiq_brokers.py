@@ -142,7 +142,9 @@ def _redis_broker(settings: Settings, url: str) -> Broker:
             f" is not a Redis URL ({e}); expected redis://[:password@]host:port/db."
         ) from e
     timeout_ms = settings.redelivery_timeout * 1000
-    return FeedfanRedisBroker(client=client, heartbeat_timeout=timeout_ms)  # type: ignore[no-untyped-call]
+    return FeedfanRedisBroker(
+        client=client, heartbeat_timeout=timeout_ms, urgent_queues=[settings.queue_high]
+    )
 
 
 def _rabbitmq_broker(settings: Settings, url: str) -> Broker:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -24,6 +26,7 @@ from dramatiq.message import Message
 from dramatiq.middleware import Retries
 
 from feedfan.activity import Activity
+from feedfan.backends import _dramatiq_redis
 from feedfan.backends._dramatiq_brokers import amqp_heartbeat, build_broker, maintenance_interval
 from feedfan.backends._dramatiq_worker import FeedfanFailures
 from feedfan.backends.dramatiq import (
@@ -594,3 +597,67 @@ def test_purge_deletes_every_queue_and_key_feedfan_made(harness: Harness) -> Non
             connection.close()
     assert (dispatcher.queue_depth(HIGH), dispatcher.queue_depth(LOW)) == (0, 0)
     assert dispatcher.failed_messages() == []
+
+
+def _drain_until_message(consumer: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = next(consumer)
+        if message is not None:
+            return message
+    raise AssertionError(f"no message came within {timeout} s")
+
+
+def test_a_full_redis_consumer_fetches_again_as_soon_as_a_worker_acks(
+    feedfan_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given feedfan's Redis consumer holding its one prefetched message for 1.5 s, with
+    # Dramatiq's own idle timing (a 1 s worker timeout, not capped), and two more waiting
+    monkeypatch.setattr(_dramatiq_redis, "IDLE_POLL_MS", 60_000)
+    broker = build_broker(_offline(broker_url=feedfan_redis_url))
+    assert isinstance(broker, _dramatiq_redis.FeedfanRedisBroker)
+    queue = f"ff-{_namespace()}"
+    broker.declare_queue(queue)
+    for number in range(3):
+        broker.enqueue(Message(queue, "feedfan_test", (number,), {}, {}))
+    consumer = broker.consume(queue, prefetch=1, timeout=1000)
+    try:
+        held = _drain_until_message(consumer, 5.0)
+        for _ in range(2):
+            acked: list[float] = []
+
+            def ack_later(message: Any = held, acked: list[float] = acked) -> None:
+                time.sleep(1.5)
+                acked.append(time.monotonic())
+                consumer.ack(message)
+
+            acker = threading.Thread(target=ack_later)
+            acker.start()
+            # When a worker thread acks it
+            held = _drain_until_message(consumer, 5.0)
+            fetched = time.monotonic()
+            acker.join()
+            # Then the next message is fetched at once, not after a backoff grown to 0.5-1 s
+            assert fetched - acked[0] < 0.25
+        consumer.ack(held)
+    finally:
+        consumer.close()
+        client = broker.client
+        broker.flush(queue)
+        client.delete(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}")
+        client.zrem(f"{broker.namespace}:__heartbeats__", broker.broker_id)
+        broker.close()
+
+
+def test_an_idle_redis_consumer_looks_often_at_high_less_at_low_and_never_rushes_delays() -> None:
+    # Given the broker feedfan builds from settings
+    settings = _offline(broker_url="redis://127.0.0.1:6379/9", queue_high="hi", queue_low="lo")
+    broker = build_broker(settings)
+    assert isinstance(broker, _dramatiq_redis.FeedfanRedisBroker)
+    # Then HIGH is polled every 10 ms at most, LOW every 100 ms, delay queues as Dramatiq does
+    assert broker.idle_poll_ms("hi") == _dramatiq_redis.URGENT_POLL_MS == 10
+    assert broker.idle_poll_ms("lo") == _dramatiq_redis.IDLE_POLL_MS == 100
+    assert broker.consume("lo", prefetch=4, timeout=1000).timeout == 100
+    assert broker.consume("hi.DQ", prefetch=4, timeout=1000).timeout == 1000
+    # And a smaller Dramatiq worker timeout still wins
+    assert broker.consume("hi", prefetch=4, timeout=5).timeout == 5
