@@ -31,7 +31,7 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
-from rq.utils import as_text, current_timestamp, now
+from rq.utils import as_text, current_timestamp, now, utcformat
 from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from feedfan.config import Settings
@@ -39,7 +39,7 @@ from feedfan.errors import PayloadError
 from feedfan.runner import get_runner
 from feedfan.task import decode_task
 
-from ._rq_jobs import FeedfanJob, JSONJobSerializer, failure_reason
+from ._rq_jobs import RUN_TASK, FeedfanJob, JSONJobSerializer, failure_reason
 
 __all__ = [
     "MAX_REDELIVERIES",
@@ -208,6 +208,36 @@ class _FeedfanWorkerMixin(BaseWorker):
             return
         job.ended_at = now()
 
+    def handle_job_success(
+        self, job: Job, queue: Queue, started_job_registry: Any, execution: Any
+    ) -> None:
+        """Record a finished feedfan chunk in one transaction; other jobs as RQ does.
+
+        RQ's own path watches the job's dependents key and reads it (two round
+        trips), then rewrites the whole job hash and adds a result entry. A
+        feedfan chunk returns nothing, is never repeated, rate-limited or
+        given callbacks, and nothing may depend on it, so it is marked
+        finished, stamped, put in the finished registry for
+        ``result_ttl`` seconds and taken out of the started one: what RQ
+        leaves, without the rest.
+        """
+        if not _is_plain_chunk(job):
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        ttl = job.get_result_ttl(self.default_result_ttl)
+        ended = job.ended_at or now()
+        with self.connection.pipeline() as pipe:
+            self.increment_successful_job_count(pipeline=pipe)
+            if job.started_at is not None:
+                self.increment_total_working_time(ended - job.started_at, pipe)
+            job.set_status(JobStatus.FINISHED, pipeline=pipe)
+            pipe.hset(job.key, "ended_at", utcformat(ended))
+            if ttl != 0:
+                job.finished_job_registry.add(job, ttl, pipe)
+            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job's entry lives without a heartbeat: ``redelivery_timeout``."""
         timeout = self._redelivery_timeout
@@ -358,6 +388,21 @@ class _FeedfanWorkerMixin(BaseWorker):
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             pipe.execute()
         _record_failed_chunk(job, reason)
+
+
+def _is_plain_chunk(job: Job) -> bool:
+    """Whether ``job`` is a feedfan chunk with none of RQ's extras (callbacks, repeats, limits)."""
+    try:
+        return (
+            job.func_name == RUN_TASK
+            and not job.repeats_left
+            and job.success_callback is None
+            and not job.has_rate_limit
+            and job.result_ttl is not None
+            and job.result_ttl >= 0
+        )
+    except Exception:  # anything unexpected: RQ's own path
+        return False
 
 
 def _record_failed_chunk(job: Job, reason: str) -> None:

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 import redis
+from rq.job import JobStatus
+from rq.worker import Worker
 
 from feedfan.activity import Activity
-from feedfan.backends._rq_jobs import JSONJobSerializer, failure_reason
+from feedfan.backends._rq_jobs import FeedfanJob, JSONJobSerializer, failure_reason
 from feedfan.backends.rq import FINISHED_JOB_TTL, RQDispatcher, RQManager
 from feedfan.config import Settings, load_settings
 from feedfan.errors import BrokerError, ConfigurationError, DispatchError, PayloadError
@@ -364,6 +366,18 @@ def test_a_finished_chunk_is_kept_briefly_and_sent_again_it_does_not_expire(
         message=f"the chunk did not finish\n{harness.worker_logs()}",
     )
     assert 0 < dispatcher.connection.ttl(key) <= FINISHED_JOB_TTL
+    # And RQ sees it as it sees any finished job: status, end time, registries, worker stats
+    queue = dispatcher.rq_queue(HIGH)
+    job = FeedfanJob.fetch(
+        chunk.task_id, connection=dispatcher.connection, serializer=JSONJobSerializer
+    )
+    assert job.get_status() == JobStatus.FINISHED and job.ended_at is not None
+    assert job.ended_at >= job.started_at
+    assert queue.finished_job_registry.get_job_ids() == [chunk.task_id]
+    assert queue.started_job_registry.get_job_ids() == []
+    workers = Worker.all(queue=queue)
+    assert sum(w.successful_job_count for w in workers) == 1
+    assert sum(w.total_working_time for w in workers) > 0
     worker.stop()
     # When the same task is sent again (a replay) with no worker to run it
     dispatcher.enqueue_many([chunk])
