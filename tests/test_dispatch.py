@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 
 import pytest
@@ -106,6 +107,46 @@ def test_the_base_class_loop_is_the_fallback_bulk_path() -> None:
     ]
     assert dispatcher.enqueue_many(iter(tasks)) == 2500
     assert dispatcher.bodies == [t.to_json() for t in tasks]
+
+
+def _tasks(count: int) -> list[Task]:
+    from feedfan.task import ChunkTask
+
+    entry = (("1767225600000000abcdef0123", 1767225600000000),)
+    return [
+        ChunkTask("add", ("timeline",), entry, (i,), "a" * 24, FanoutPriority.HIGH, i)
+        for i in range(count)
+    ]
+
+
+class Batching(PluginDispatcher):
+    """Records the size of each batch the bulk path hands over."""
+
+    def __init__(self) -> None:
+        super().__init__(load_settings(env={}, read_files=False))
+        self.batches: list[int] = []
+
+    def publish_many(self, items: Sequence[tuple[Task, str]]) -> None:
+        self.batches.append(len(items))
+
+
+def test_bulk_batches_start_small_so_workers_start_early_then_double() -> None:
+    # Given a dispatcher with the default batch sizes
+    dispatcher = Batching()
+    assert (dispatcher.publish_first_batch_size, dispatcher.publish_batch_size) == (64, 1000)
+    # When 3,000 tasks are sent
+    assert dispatcher.enqueue_many(iter(_tasks(3000))) == 3000
+    # Then the first batch is 64 tasks, each next one twice as big, up to 1,000
+    assert dispatcher.batches == [64, 128, 256, 512, 1000, 1000, 40]
+
+
+def test_a_dispatcher_may_send_everything_in_full_batches_from_the_start() -> None:
+    class OneGo(Batching):
+        publish_first_batch_size = 1000
+
+    dispatcher = OneGo()
+    assert dispatcher.enqueue_many(iter(_tasks(2500))) == 2500
+    assert dispatcher.batches == [1000, 1000, 500]
 
 
 def test_create_dispatcher_reads_the_setting() -> None:
