@@ -8,6 +8,7 @@ with ``--backend`` failed (the results written still say what was measured),
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -17,12 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.backend import discover_backends, needs_amqp
+from benchmarks.backend import Backend, discover_backends, needs_amqp
 from benchmarks.baselines import run_peer, run_raw_limits
 from benchmarks.dispatch import run_dispatch
 from benchmarks.machine import describe_machine
 from benchmarks.priority import run_priority
-from benchmarks.recommend import add_ratios, check_targets, recommend
+from benchmarks.recommend import add_ratios, check_targets, recommend, verify_priority
 from benchmarks.report import render_text, write_json, write_plot
 from benchmarks.run import STREAM_FRAMEWORK_CHUNK_SIZE, Plan, Run, plan_for
 from benchmarks.servers import open_servers
@@ -201,15 +202,30 @@ def _execute(run: Run, step: str, results: dict[str, Any], save: Callable[[], No
         save()
     if step in ("all", "priority"):
         results["priority"] = []
+        recommendations = results.get("recommendations") or {}
+        sweeps = {s["backend"]["label"]: s for s in results.get("sweep") or []}
+
+        def measure(backend: Backend, chunk: int) -> dict[str, Any]:
+            section = run_priority(backend, run, chunk_size=chunk)
+            results["priority"].append(section)
+            save()
+            return section
+
         for backend in backends:
-            chosen = (results.get("recommendations") or {}).get(backend.label, {})
-            # The recommended size first (the target is checked there), then
-            # Stream Framework's 100 to show what smaller LOW tasks do to HIGH ones.
-            sizes = dict.fromkeys([chosen.get("chunk_size") or STREAM_FRAMEWORK_CHUNK_SIZE])
-            sizes[STREAM_FRAMEWORK_CHUNK_SIZE] = None
-            for chunk in sizes:
-                results["priority"].append(run_priority(backend, run, chunk_size=chunk))
+            chosen = recommendations.get(backend.label)
+            measured: set[int] = set()
+            if chosen and backend.label in sweeps:
+                # The recommended size first (the target is checked there), smaller
+                # ones while HIGH fanouts wait too long behind LOW work (rule 6).
+                verified, sections = verify_priority(
+                    chosen, sweeps[backend.label], functools.partial(measure, backend)
+                )
+                recommendations[backend.label] = verified
+                measured = {s["chunk_size"] for s in sections}
                 save()
+            # Stream Framework's 100, to show what smaller LOW tasks do to HIGH ones.
+            if STREAM_FRAMEWORK_CHUNK_SIZE not in measured:
+                measure(backend, STREAM_FRAMEWORK_CHUNK_SIZE)
     if step in ("all", "dispatch"):
         results["dispatch"] = []
         for backend in backends:
@@ -218,7 +234,10 @@ def _execute(run: Run, step: str, results: dict[str, Any], save: Callable[[], No
     if results.get("sweep"):
         priority: dict[str, dict[str, Any]] = {}
         for section in results.get("priority", []):
-            priority.setdefault(section["backend"]["label"], section)
+            label = section["backend"]["label"]
+            chosen_size = (results["recommendations"].get(label) or {}).get("chunk_size")
+            if section["chunk_size"] == chosen_size or label not in priority:
+                priority[label] = section
         results["targets"] = {
             s["backend"]["label"]: check_targets(
                 s,

@@ -20,6 +20,12 @@ The rule, per backend:
    soonest; within 20% of that, the smallest chunk size, since smaller tasks
    retry cheaper and let HIGH tasks overtake LOW ones sooner.
 
+6. **Priority, measured**: rule 3 is a model. The priority step then times a
+   HIGH fanout behind a LOW backlog at the recommended size; while it takes
+   more than :data:`PRIORITY_BOUND` times its idle time, the next smaller
+   swept size (not below Stream Framework's 100) is measured and recommended
+   instead (:func:`verify_priority`).
+
 The reasons also give a fitted cost model: worker time per task as a fixed
 part plus a part per follower, which says from which size the per-task
 overhead of the queue stops mattering.
@@ -27,17 +33,28 @@ overhead of the queue stops mattering.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.run import STREAM_FRAMEWORK_CHUNK_SIZE
 
-__all__ = ["add_ratios", "baseline_rates", "check_targets", "cost_model", "recommend"]
+__all__ = [
+    "add_ratios",
+    "baseline_rates",
+    "check_targets",
+    "cost_model",
+    "recommend",
+    "shared_ratio",
+    "verify_priority",
+]
 
 PLATEAU = 0.90
 TIME_LIMIT_MARGIN = 20
 LATENCY_TIE = 1.20
 PRIORITY_SHARE = 0.5
 """Fraction of the idle HIGH fanout time one LOW chunk may hold a worker (rule 3)."""
+PRIORITY_BOUND = 2.0
+"""Most a HIGH fanout behind a LOW backlog may take, in multiples of its idle time (rule 6)."""
 
 
 def baseline_rates(baselines: dict[str, Any]) -> dict[str, float]:
@@ -191,6 +208,84 @@ def recommend(sweep: dict[str, Any]) -> dict[str, Any]:
         ),
         "reasons": reasons,
     }
+
+
+def shared_ratio(section: dict[str, Any]) -> float | None:
+    """Loaded over idle time of the default worker layout in one priority section."""
+    for layout in section.get("layouts", []):
+        if layout.get("layout") == "shared":
+            value = layout.get("loaded_over_idle")
+            return float(value) if value is not None else None
+    return None
+
+
+def _smaller_size(sweep: dict[str, Any], chunk_size: int) -> dict[str, Any] | None:
+    points = [
+        p
+        for p in sweep.get("points", [])
+        if p.get("ok")
+        and p.get("writes_per_s")
+        and STREAM_FRAMEWORK_CHUNK_SIZE <= p["chunk_size"] < chunk_size
+    ]
+    return max(points, key=lambda p: p["chunk_size"]) if points else None
+
+
+def verify_priority(
+    recommendation: dict[str, Any],
+    sweep: dict[str, Any],
+    measure: Callable[[int], dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Rule 6: measure priority at the recommended size, stepping down while it is too slow.
+
+    ``measure(chunk_size)`` runs the priority step and returns its section.
+    Returns the recommendation (moved to a smaller size if need be, with the
+    reason) and every section measured, in order.
+    """
+    size = recommendation.get("chunk_size")
+    if size is None:
+        return recommendation, []
+    sections: list[dict[str, Any]] = []
+    concurrency = int(sweep.get("concurrency", 2))
+    current = dict(recommendation)
+    reasons = list(recommendation.get("reasons", []))
+    while True:
+        section = measure(size)
+        sections.append(section)
+        ratio = shared_ratio(section)
+        if ratio is None:
+            reasons.append(f"priority not measured at {size}: {_section_error(section)}")
+            break
+        smaller = _smaller_size(sweep, size)
+        if ratio <= PRIORITY_BOUND or smaller is None:
+            verdict = "within" if ratio <= PRIORITY_BOUND else "over, and no smaller size is left"
+            reasons.append(
+                f"priority, measured: behind a LOW backlog a HIGH fanout took {ratio:.2f}x its "
+                f"idle time at {size} ({verdict} the {PRIORITY_BOUND:g}x bound)"
+            )
+            break
+        reasons.append(
+            f"priority, measured: behind a LOW backlog a HIGH fanout took {ratio:.2f}x its idle "
+            f"time at {size}, over the {PRIORITY_BOUND:g}x bound; stepping down to "
+            f"{smaller['chunk_size']}"
+        )
+        size = smaller["chunk_size"]
+        current.update(
+            chunk_size=size,
+            writes_per_s=smaller["writes_per_s"],
+            end_to_end_s=smaller["end_to_end_s"],
+            first_follower_s=smaller.get("first_follower_s"),
+            task_seconds=round(_task_seconds(smaller, concurrency), 4),
+        )
+    current["reasons"] = reasons
+    return current, sections
+
+
+def _section_error(section: dict[str, Any]) -> str:
+    """The first error of a priority section, or a placeholder."""
+    for layout in section.get("layouts", []):
+        if layout.get("error"):
+            return str(layout["error"])
+    return "no shared layout measured"
 
 
 def _target(

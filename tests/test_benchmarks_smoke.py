@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from benchmarks.backend import parse_backend_name
-from benchmarks.recommend import check_targets, cost_model, recommend
+from benchmarks.recommend import check_targets, cost_model, recommend, verify_priority
 from benchmarks.run import plan_for
 from feedfan.dispatch import resolve_dispatcher_class
 from feedfan.testing.plugin import in_ci
@@ -189,6 +189,62 @@ def test_a_chunk_that_would_hold_up_high_fanouts_is_not_recommended() -> None:
     # Then the fastest size whose chunks take under 15 ms is chosen, and the reasons say why
     assert recommendation["chunk_size"] == 1000
     assert "too long: 5000" in " ".join(recommendation["reasons"])
+
+
+def _priority_section(chunk: int, ratio: float | None) -> dict[str, Any]:
+    shared = {"layout": "shared", "loaded_over_idle": ratio}
+    if ratio is None:
+        shared["error"] = "TimeoutError: fanout not complete"
+    return {"chunk_size": chunk, "layouts": [shared, {"layout": "dedicated"}]}
+
+
+def test_a_size_whose_high_fanouts_wait_too_long_under_load_is_stepped_down() -> None:
+    # Given a recommendation of 1000, and HIGH fanouts under a LOW backlog taking
+    # 2.6x their idle time at 1000, 2.2x at 500 and 1.5x at 250
+    sweep = _sweep(
+        _point(50, 60_000, 0.05),
+        _point(100, 100_000, 0.05),
+        _point(250, 150_000, 0.05, e2e=0.66),
+        _point(500, 170_000, 0.05, e2e=0.55),
+        _point(1000, 200_000, 0.05, e2e=0.5),
+    )
+    recommendation = recommend(sweep)
+    assert recommendation["chunk_size"] == 1000
+    ratios = {1000: 2.6, 500: 2.2, 250: 1.5}
+    measured: list[int] = []
+
+    def measure(chunk: int) -> dict[str, Any]:
+        measured.append(chunk)
+        return _priority_section(chunk, ratios[chunk])
+
+    # When priority is measured
+    verified, sections = verify_priority(recommendation, sweep, measure)
+
+    # Then sizes are measured from the recommended one down until HIGH keeps its bound
+    assert measured == [1000, 500, 250] == [s["chunk_size"] for s in sections]
+    assert verified["chunk_size"] == 250 and verified["writes_per_s"] == 150_000
+    reasons = " ".join(verified["reasons"])
+    assert "2.60x its idle time at 1000, over the 2x bound; stepping down to 500" in reasons
+    assert "1.50x its idle time at 250 (within the 2x bound)" in reasons
+    assert recommendation["chunk_size"] == 1000  # the sweep's own recommendation is kept apart
+
+
+def test_stepping_down_stops_at_stream_frameworks_size_and_on_a_failed_measurement() -> None:
+    sweep = _sweep(_point(50, 60_000, 0.05), _point(100, 100_000, 0.05), _point(250, 150_000, 0.05))
+    recommendation = {"chunk_size": 250, "reasons": []}
+    # Over the bound everywhere: 100 is the last size tried, and the reason says so
+    verified, sections = verify_priority(
+        recommendation, sweep, lambda chunk: _priority_section(chunk, 3.0)
+    )
+    assert [s["chunk_size"] for s in sections] == [250, 100]
+    assert verified["chunk_size"] == 100
+    assert "no smaller size is left" in verified["reasons"][-1]
+    # A measurement that failed keeps the size and says why
+    verified, sections = verify_priority(
+        recommendation, sweep, lambda chunk: _priority_section(chunk, None)
+    )
+    assert verified["chunk_size"] == 250 and len(sections) == 1
+    assert "TimeoutError" in verified["reasons"][-1]
 
 
 def test_the_cost_model_recovers_a_fixed_and_a_per_follower_cost() -> None:
