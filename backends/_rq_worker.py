@@ -25,6 +25,7 @@ import sys
 from typing import Any, cast
 
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import WatchError
 from redis.retry import Retry
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.executions import Execution
@@ -333,13 +334,31 @@ class _FeedfanWorkerMixin(BaseWorker):
                     continue
             elif status != JobStatus.STARTED:
                 continue
-            if not self.connection.zrem(registry.key, entry):
-                continue  # another worker claimed it first
             why = f"its worker stopped heart-beating more than {self._redelivery_timeout} s ago"
             # The dead worker's execution record goes too: RQ would trip over it on success.
             execution = Execution.from_composite_key(entry, connection=self.connection)
-            if not self._redeliver(job, queue, why=why, execution=execution):
-                self._fail_lost(job, queue, why, execution)
+            try:
+                with self.connection.pipeline() as pipe:
+                    # Claimed and put back (or failed) in one transaction: a worker killed
+                    # midway leaves the entry for the next pass, and of two racing for it
+                    # (another worker, RQ's own cleanup) the second finds the job changed.
+                    pipe.watch(job.key)  # type: ignore[no-untyped-call]
+                    if pipe.zscore(registry.key, entry) is None:
+                        continue  # taken already
+                    pipe.multi()
+                    pipe.zrem(registry.key, entry)
+                    count = self._queue_redelivery(job, queue, pipe, execution)
+                    reason = _poison_reason(why)
+                    if count is None:
+                        self._queue_failure(job, queue, pipe, reason, execution)
+                    pipe.execute()
+            except WatchError:
+                continue
+            if count is None:
+                logger.error("feedfan gives up on RQ job %s on %s: %s", job.id, queue.name, reason)
+                _record_failed_chunk(job, reason)
+            else:
+                _log_redelivery(job, queue, count, why)
 
     def _still_listed(self, queue: Queue, job_id: str) -> bool:
         """Whether ``job_id`` waits in ``queue`` or in RQ's intermediate list for it."""
@@ -349,45 +368,55 @@ class _FeedfanWorkerMixin(BaseWorker):
         )
 
     def _redeliver(self, job: Job, queue: Queue, *, why: str, execution: Any = None) -> bool:
+        """Put a lost ``job`` back at the head of ``queue``; ``False`` if it may not go back."""
+        with self.connection.pipeline() as pipe:
+            count = self._queue_redelivery(job, queue, pipe, execution)
+            if count is None:
+                return False
+            pipe.execute()
+        _log_redelivery(job, queue, count, why)
+        return True
+
+    def _queue_redelivery(self, job: Job, queue: Queue, pipe: Any, execution: Any) -> int | None:
+        """Add to ``pipe`` what puts ``job`` back; its delivery count, or ``None`` if too many."""
         meta = job.meta if isinstance(job.meta, dict) else {}
         if "unserialized" in meta:
-            return False
+            return None
         count = int(meta.get(_REDELIVERIES, 0)) + 1
         if count > MAX_REDELIVERIES:
-            return False
+            return None
         meta[_REDELIVERIES] = count
         job.meta = meta
         job.started_at = job.ended_at = None
-        with self.connection.pipeline() as pipe:
-            # A lost chunk has waited already: it goes to the head of its queue.
-            queue.enqueue_job(job, pipeline=pipe, at_front=True)
-            if execution is not None:
-                self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.execute()
-        logger.warning(
-            "feedfan delivers RQ job %s on %s again (%d of %d): %s",
-            job.id,
-            queue.name,
-            count,
-            MAX_REDELIVERIES,
-            (why or "its worker died").strip().splitlines()[0],
-        )
-        return True
-
-    def _fail_lost(self, job: Job, queue: Queue, why: str, execution: Execution) -> None:
-        reason = (
-            f"lost with its worker {MAX_REDELIVERIES + 1} times ({why}); failed as a poison pill"
-        )
-        logger.error("feedfan gives up on RQ job %s on %s: %s", job.id, queue.name, reason)
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            queue.failed_job_registry.add(
-                job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe
-            )
-            Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
+        # A lost chunk has waited already: it goes to the head of its queue.
+        queue.enqueue_job(job, pipeline=pipe, at_front=True)
+        if execution is not None:
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.execute()
-        _record_failed_chunk(job, reason)
+        return count
+
+    def _queue_failure(
+        self, job: Job, queue: Queue, pipe: Any, reason: str, execution: Execution
+    ) -> None:
+        """Add to ``pipe`` what fails ``job`` into its queue's failed registry."""
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        queue.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+        Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
+        self.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+
+def _poison_reason(why: str) -> str:
+    return f"lost with its worker {MAX_REDELIVERIES + 1} times ({why}); failed as a poison pill"
+
+
+def _log_redelivery(job: Job, queue: Queue, count: int, why: str) -> None:
+    logger.warning(
+        "feedfan delivers RQ job %s on %s again (%d of %d): %s",
+        job.id,
+        queue.name,
+        count,
+        MAX_REDELIVERIES,
+        (why or "its worker died").strip().splitlines()[0],
+    )
 
 
 def _is_plain_chunk(job: Job) -> bool:

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import redis
 from rq.job import JobStatus
+from rq.queue import Queue
 from rq.worker import Worker
 
 from feedfan.activity import Activity
 from feedfan.backends._rq_jobs import FeedfanJob, JSONJobSerializer, failure_reason
-from feedfan.backends.rq import FINISHED_JOB_TTL, RQDispatcher, RQManager
+from feedfan.backends.rq import FINISHED_JOB_TTL, FeedfanWorker, RQDispatcher, RQManager
 from feedfan.config import Settings, load_settings
 from feedfan.errors import BrokerError, ConfigurationError, DispatchError, PayloadError
 from feedfan.fanout import plan_chunks
@@ -554,6 +555,43 @@ def test_a_chunk_registered_by_a_worker_killed_before_it_began_runs_again(
     status = _settle(harness, manager, receipt, timeout=30)
     assert (status.done, status.failed) == (1, 0) and _everyone_has(manager, user, pin)
     assert "again (1 of 5)" in worker.log_path.read_text()
+
+
+def test_a_redelivery_cut_short_leaves_the_chunk_for_the_next_pass(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a chunk recorded as started by a dead worker, its entry expired
+    settings = harness.settings()
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    user = make_user(_namespace(), 2, 0)
+    manager.add_user_activity(user, _pin(user))
+    queue = dispatcher.rq_queue(HIGH)
+    connection = dispatcher.connection
+    job_id = connection.lpop(queue.key).decode()
+    connection.hset(f"rq:job:{job_id}", "status", "started")
+    entry = f"{job_id}:deadbeef"
+    connection.zadd(queue.started_job_registry.key, {entry: 1})
+    worker = FeedfanWorker([queue], connection=connection)
+    # When the maintenance pass that delivers it again dies halfway (here: raises
+    # while putting it back on its queue)
+    original = Queue.enqueue_job
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("maintenance worker killed")
+
+    monkeypatch.setattr(Queue, "enqueue_job", dying)
+    with pytest.raises(RuntimeError):
+        worker._redeliver_abandoned(queue)
+    # Then the chunk is still recorded as abandoned, not in limbo
+    assert connection.zscore(queue.started_job_registry.key, entry) is not None
+    assert connection.lrange(queue.key, 0, -1) == []
+    # And the next pass delivers it
+    monkeypatch.setattr(Queue, "enqueue_job", original)
+    worker._redeliver_abandoned(queue)
+    assert connection.zscore(queue.started_job_registry.key, entry) is None
+    assert connection.lrange(queue.key, 0, -1) == [job_id.encode()]
 
 
 def test_a_chunk_lost_six_times_is_failed_as_a_poison_pill(harness: Harness) -> None:
