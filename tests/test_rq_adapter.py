@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,42 @@ def _kept(dispatcher: Any, count: int) -> list[Any]:
 
 
 # Configuration ---------------------------------------------------------------
+
+
+def _rq(harness: Harness, **overrides: Any) -> tuple[Settings, Manager, RQDispatcher]:
+    """Settings, a manager on them and its RQ dispatcher."""
+    settings = harness.settings(**overrides)
+    manager = harness.manager(settings)
+    dispatcher = manager.dispatcher
+    assert isinstance(dispatcher, RQDispatcher)
+    return settings, manager, dispatcher
+
+
+@dataclass
+class _Abandoned:
+    """A one-chunk fanout whose job a dead worker popped and left in the started registry."""
+
+    user: str
+    pin: Activity
+    receipt: Any
+    queue: Queue
+    job_id: str
+    entry: str
+
+
+def _abandon_a_chunk(manager: Manager, dispatcher: RQDispatcher, **job_fields: str) -> _Abandoned:
+    """Fan out to 2 HIGH followers, pop the job, write ``job_fields``, add an expired entry."""
+    user = make_user(_namespace(), 2, 0)
+    pin = _pin(user)
+    receipt = manager.add_user_activity(user, pin)
+    queue = dispatcher.rq_queue(HIGH)
+    connection = dispatcher.connection
+    job_id = connection.lpop(queue.key).decode()
+    if job_fields:
+        connection.hset(f"rq:job:{job_id}", mapping=job_fields)
+    entry = f"{job_id}:deadbeef"
+    connection.zadd(queue.started_job_registry.key, {entry: 1})
+    return _Abandoned(user, pin, receipt, queue, job_id, entry)
 
 
 def test_an_amqp_broker_is_refused_naming_the_setting_and_its_source() -> None:
@@ -331,10 +368,7 @@ def test_a_failed_pipeline_reports_the_chunks_accepted_before_it(harness: Harnes
 
 
 def test_job_ids_are_the_task_ids_and_finished_jobs_are_kept_briefly(harness: Harness) -> None:
-    settings = harness.settings()
-    manager = harness.manager(settings)
-    dispatcher = manager.dispatcher
-    assert isinstance(dispatcher, RQDispatcher)
+    settings, manager, dispatcher = _rq(harness)
     chunks = _chunks(2)
     with harness.held(manager):
         dispatcher.enqueue_many(chunks)
@@ -352,10 +386,7 @@ def test_a_finished_chunk_is_kept_briefly_and_sent_again_it_does_not_expire(
     harness: Harness,
 ) -> None:
     # Given a chunk that ran: RQ keeps its job for FINISHED_JOB_TTL seconds, then drops it
-    settings = harness.settings()
-    manager = harness.manager(settings)
-    dispatcher = manager.dispatcher
-    assert isinstance(dispatcher, RQDispatcher)
+    settings, _, dispatcher = _rq(harness)
     worker = harness.start_worker(settings)
     assert worker is not None
     chunk = _chunks(1)[0]
@@ -389,10 +420,7 @@ def test_a_finished_chunk_is_kept_briefly_and_sent_again_it_does_not_expire(
 
 def test_purge_deletes_the_queues_and_their_jobs(harness: Harness) -> None:
     # Given chunks waiting on both queues
-    settings = harness.settings()
-    manager = harness.manager(settings)
-    dispatcher = manager.dispatcher
-    assert isinstance(dispatcher, RQDispatcher)
+    settings, _, dispatcher = _rq(harness)
     chunks = _chunks(2, per_priority=True)
     dispatcher.enqueue_many(chunks)
     connection = dispatcher.connection
@@ -536,24 +564,15 @@ def test_a_chunk_registered_by_a_worker_killed_before_it_began_runs_again(
 ) -> None:
     # Given a chunk a dead worker had popped and registered as running (RQ writes the
     # started registry one round trip before the job's status), so it is still QUEUED
-    settings = harness.settings()
-    manager = harness.manager(settings)
-    dispatcher = manager.dispatcher
-    assert isinstance(dispatcher, RQDispatcher)
-    user = make_user(_namespace(), 2, 0)
-    pin = _pin(user)
-    receipt = manager.add_user_activity(user, pin)
-    queue = dispatcher.rq_queue(HIGH)
-    connection = dispatcher.connection
-    job_id = connection.lpop(queue.key).decode()
-    assert connection.hget(f"rq:job:{job_id}", "status") == b"queued"
-    connection.zadd(queue.started_job_registry.key, {f"{job_id}:deadbeef": 1})
+    settings, manager, dispatcher = _rq(harness)
+    lost = _abandon_a_chunk(manager, dispatcher)
+    assert dispatcher.connection.hget(f"rq:job:{lost.job_id}", "status") == b"queued"
     # When a worker's maintenance finds its expired entry
     worker = harness.start_worker(settings)
     assert worker is not None
     # Then the chunk runs (RQ's own cleanup would drop the entry and the chunk with it)
-    status = _settle(harness, manager, receipt, timeout=30)
-    assert (status.done, status.failed) == (1, 0) and _everyone_has(manager, user, pin)
+    status = _settle(harness, manager, lost.receipt, timeout=30)
+    assert (status.done, status.failed) == (1, 0) and _everyone_has(manager, lost.user, lost.pin)
     assert "again (1 of 5)" in worker.log_path.read_text()
 
 
@@ -561,18 +580,10 @@ def test_a_redelivery_cut_short_leaves_the_chunk_for_the_next_pass(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a chunk recorded as started by a dead worker, its entry expired
-    settings = harness.settings()
-    manager = harness.manager(settings)
-    dispatcher = manager.dispatcher
-    assert isinstance(dispatcher, RQDispatcher)
-    user = make_user(_namespace(), 2, 0)
-    manager.add_user_activity(user, _pin(user))
-    queue = dispatcher.rq_queue(HIGH)
+    _, manager, dispatcher = _rq(harness)
+    lost = _abandon_a_chunk(manager, dispatcher, status="started")
+    queue, job_id, entry = lost.queue, lost.job_id, lost.entry
     connection = dispatcher.connection
-    job_id = connection.lpop(queue.key).decode()
-    connection.hset(f"rq:job:{job_id}", "status", "started")
-    entry = f"{job_id}:deadbeef"
-    connection.zadd(queue.started_job_registry.key, {entry: 1})
     worker = FeedfanWorker([queue], connection=connection)
     # When the maintenance pass that delivers it again dies halfway (here: raises
     # while putting it back on its queue)
@@ -596,27 +607,13 @@ def test_a_redelivery_cut_short_leaves_the_chunk_for_the_next_pass(
 
 def test_a_chunk_lost_six_times_is_failed_as_a_poison_pill(harness: Harness) -> None:
     # Given a chunk recorded as started by a dead worker, already delivered again 5 times
-    settings = harness.settings()
-    manager = harness.manager(settings)
-    dispatcher = manager.dispatcher
-    assert isinstance(dispatcher, RQDispatcher)
-    user = make_user(_namespace(), 2, 0)
-    receipt = manager.add_user_activity(user, _pin(user))
-    queue = dispatcher.rq_queue(HIGH)
-    connection = dispatcher.connection
-    job_id = connection.lpop(queue.key).decode()
-    connection.hset(
-        f"rq:job:{job_id}",
-        mapping={
-            "status": "started",
-            "meta": JSONJobSerializer.dumps({"feedfan_redeliveries": 5}),
-        },
-    )
-    connection.zadd(queue.started_job_registry.key, {f"{job_id}:deadbeef": 1})
+    settings, manager, dispatcher = _rq(harness)
+    meta = JSONJobSerializer.dumps({"feedfan_redeliveries": 5}).decode()
+    lost = _abandon_a_chunk(manager, dispatcher, status="started", meta=meta)
     # When a worker's maintenance finds it
     harness.start_worker(settings)
     # Then it is failed with the reason, and its fanout counts it as failed
-    status = _settle(harness, manager, receipt)
+    status = _settle(harness, manager, lost.receipt)
     assert (status.done, status.failed) == (0, 1)
     kept = _kept(dispatcher, 1)
     assert "lost with its worker 6 times" in kept[0].reason
