@@ -101,15 +101,13 @@ class BrokerLink:
                                 if number % FLUSH_EVERY == 0:
                                     batch.flush()
                                     accepted = number
-                    elif self.kind == "redis":
-                        # kombu before 5.7, or a connection that retries on timeout or
-                        # error (kombu will not batch it): one LPUSH per task.
+                    elif self.kind == "redis" or self._confirms():
+                        # Redis that kombu will not batch (kombu before 5.7, or a connection
+                        # that retries on timeout or error): one LPUSH per task, counted as
+                        # it returns. RabbitMQ with publisher confirms: each counts once
+                        # confirmed, and may be retried.
                         for entry in entries:
-                            self._publish(producer, entry, retry=False)
-                            accepted += 1
-                    elif self._confirms():
-                        for entry in entries:
-                            self._publish(producer, entry, retry=True)
+                            self._publish(producer, entry, retry=self.kind != "redis")
                             accepted += 1
                     else:
                         for number in self._publish_committed(producer, entries):
