@@ -52,10 +52,6 @@ URGENT_POLL_MS = 10
 """The same for the HIGH queue, so a HIGH fanout is not kept waiting behind a sleep."""
 
 
-def _no_cap(queue_name: str) -> int:
-    return 2**31
-
-
 _SCRIPT_LAYOUT_MARK = b"local max_unpack_size = ARGV[8]"
 
 
@@ -78,7 +74,9 @@ class _KeepingConsumer(_RedisConsumer):
     """
 
     def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
-        timeout = min(timeout, getattr(broker, "idle_poll_ms", _no_cap)(queue_name))
+        cap = broker.idle_poll_ms(queue_name)
+        if cap is not None:
+            timeout = min(timeout, cap)
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self._slot_freed = threading.Event()
 
@@ -179,10 +177,10 @@ class FeedfanRedisBroker(RedisBroker):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.urgent_queues = frozenset(urgent_queues)
 
-    def idle_poll_ms(self, queue_name: str) -> int:
-        """The longest idle sleep of a consumer of ``queue_name``, in milliseconds."""
+    def idle_poll_ms(self, queue_name: str) -> int | None:
+        """The longest idle sleep of a consumer of ``queue_name``, in ms; ``None``: Dramatiq's."""
         if queue_name.endswith(".DQ"):
-            return _no_cap(queue_name)
+            return None
         return URGENT_POLL_MS if queue_name in self.urgent_queues else IDLE_POLL_MS
 
     @property
