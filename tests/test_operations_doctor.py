@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -32,6 +33,13 @@ def _by_code(findings: list[Finding]) -> dict[str, Finding]:
 
 def _errors(findings: list[Finding]) -> list[str]:
     return [f"{f.code}: {f.message}" for f in findings if f.level == "error"]
+
+
+def _namespaced(**values: Any) -> Settings:
+    """Settings from ``values`` alone, with a key prefix and queue names of their own."""
+    name = f"ffdoc-{uuid.uuid4().hex[:8]}"
+    own = {"key_prefix": f"{name}:", "queue_high": f"{name}.high", "queue_low": f"{name}.low"}
+    return load_settings({**own, **values}, env={}, read_files=False)
 
 
 def _use_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
@@ -205,20 +213,12 @@ def celery_settings(
         if request.param == "redis"
         else request.getfixturevalue("feedfan_amqp_url")
     )
-    name = f"ffdoc-{uuid.uuid4().hex[:8]}"
-    return load_settings(
-        {
-            "dispatcher": "celery",
-            "broker_url": broker,
-            "redis_url": feedfan_redis_url,
-            "key_prefix": f"{name}:",
-            "queue_high": f"{name}.high",
-            "queue_low": f"{name}.low",
-            "chunk_time_limit": 4,
-            "redelivery_timeout": 8,
-        },
-        env={},
-        read_files=False,
+    return _namespaced(
+        dispatcher="celery",
+        broker_url=broker,
+        redis_url=feedfan_redis_url,
+        chunk_time_limit=4,
+        redelivery_timeout=8,
     )
 
 
@@ -286,18 +286,7 @@ def test_a_plain_rq_worker_on_feedfans_queues_is_an_error(
     feedfan_redis_url: str, tmp_path: Path
 ) -> None:
     # Given someone started RQ's default worker (pickle serializer) on feedfan's queues
-    name = f"ffdoc-{uuid.uuid4().hex[:8]}"
-    settings = load_settings(
-        {
-            "dispatcher": "rq",
-            "redis_url": feedfan_redis_url,
-            "key_prefix": f"{name}:",
-            "queue_high": f"{name}.high",
-            "queue_low": f"{name}.low",
-        },
-        env={},
-        read_files=False,
-    )
+    settings = _namespaced(dispatcher="rq", redis_url=feedfan_redis_url)
     rq = str(Path(sys.executable).with_name("rq"))
     argv = [rq, "worker", "--url", feedfan_redis_url, settings.queue_high, settings.queue_low]
     with _process(argv, env=dict(os.environ), log=tmp_path / "rq.log"):
@@ -399,18 +388,7 @@ def test_the_doctor_checks_the_queue_an_app_binds_in_code(
 ) -> None:
     # Given an app whose manager subclasses RQManager, and no dispatcher configured
     monkeypatch.syspath_prepend(str(write_module(tmp_path, "bound_app", _BOUND_APP)))
-    name = f"ffbound-{uuid.uuid4().hex[:6]}"
-    settings = load_settings(
-        {
-            "app": "bound_app:BoundToRQ",
-            "redis_url": feedfan_redis_url,
-            "key_prefix": f"{name}:",
-            "queue_high": f"{name}.high",
-            "queue_low": f"{name}.low",
-        },
-        env={},
-        read_files=False,
-    )
+    settings = _namespaced(app="bound_app:BoundToRQ", redis_url=feedfan_redis_url)
     assert settings.dispatcher == "local"
     # When the doctor looks
     found = _by_code(run_checks(settings))
