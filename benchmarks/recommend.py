@@ -210,13 +210,16 @@ def recommend(sweep: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shared_layout(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The default worker layout's part of a priority section, if it was run."""
+    layouts = (section or {}).get("layouts", [])
+    return next((layout for layout in layouts if layout.get("layout") == "shared"), None)
+
+
 def shared_ratio(section: dict[str, Any]) -> float | None:
     """Loaded over idle time of the default worker layout in one priority section."""
-    for layout in section.get("layouts", []):
-        if layout.get("layout") == "shared":
-            value = layout.get("loaded_over_idle")
-            return float(value) if value is not None else None
-    return None
+    value = (_shared_layout(section) or {}).get("loaded_over_idle")
+    return float(value) if value is not None else None
 
 
 def _smaller_size(sweep: dict[str, Any], chunk_size: int) -> dict[str, Any] | None:
@@ -369,14 +372,12 @@ def check_targets(
             note=f"the benchmark process itself, at {followers:,} followers",
         )
     )
-    shared = next(
-        (s for s in (priority or {}).get("layouts", []) if s.get("layout") == "shared"), None
-    )
+    shared = _shared_layout(priority)
     targets.append(
         _target(
             "HIGH fanout under a LOW backlog <= 2x its idle time (default worker command)",
-            shared.get("loaded_over_idle") if shared else None,
-            2.0,
+            shared_ratio(priority) if priority else None,
+            PRIORITY_BOUND,
             higher=False,
             note="" if shared else "priority step not run",
         )
