@@ -15,16 +15,22 @@ change three things:
   down that often is failed rather than looped on);
 * a work-horse killed under a forking worker is put back the same way at once.
 
-Chunks are idempotent, so running one again is harmless.
+Chunks are idempotent, so running one again is harmless. The workers also
+cut RQ's bookkeeping to two Redis round trips a chunk (start; finish and
+take the next job), sending the commands RQ's own methods write as one
+script call each; see docs/rq.md.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, cast
 
+from redis import exceptions as redis_errors
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import CoreCommands
 from redis.exceptions import WatchError
 from redis.retry import Retry
 from rq.exceptions import DeserializationError, NoSuchJobError
@@ -32,8 +38,9 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
+from rq.suspension import is_suspended
 from rq.utils import as_text, current_timestamp, now, utcformat
-from rq.worker import BaseWorker, SimpleWorker, Worker
+from rq.worker import BaseWorker, SimpleWorker, Worker, WorkerStatus
 
 from feedfan.config import Settings
 from feedfan.errors import PayloadError
@@ -58,8 +65,61 @@ MAX_REDELIVERIES = 5
 _REDELIVERIES = "feedfan_redeliveries"
 _HEARTBEAT_EVERY = 1.0
 """Seconds between a worker's default heartbeats; RQ would send three per job."""
+_SUSPENSION_EVERY = 1.0
+"""Seconds between checks for ``rq suspend`` while jobs keep coming; RQ checks before each."""
 _INTERMEDIATE_GRACE = 60
-"""RQ fails a job stuck in a one-queue worker's intermediate list after a minute."""
+"""RQ fails a job stuck in a queue's intermediate list after a minute."""
+
+_RUN_AND_TAKE = """
+-- Runs the commands in ARGV[2..] (each as its argument count, then its arguments), then,
+-- unless ARGV[1] is empty, takes the first waiting job: KEYS are the worker's queues in the
+-- order it serves them, then each one's intermediate list; ARGV[1] is the prefix of job
+-- keys. The job's id moves to its queue's intermediate list, as RQ moves it for a worker
+-- of one queue, and {queue number, job id, job hash} is returned. Ids whose job is gone
+-- are dropped, as RQ drops them. All of it at once, like a MULTI.
+local i = 2
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+if ARGV[1] == '' then return false end
+local queues = #KEYS / 2
+for q = 1, queues do
+  while true do
+    local id = redis.call('LPOP', KEYS[q])
+    if not id then break end
+    local job = redis.call('HGETALL', ARGV[1] .. id)
+    if #job > 0 then
+      redis.call('RPUSH', KEYS[queues + q], id)
+      return {q, id, job}
+    end
+  end
+end
+return false
+"""
+
+
+class _Commands(CoreCommands):
+    """Records the commands RQ's own methods queue on a pipeline, to send them as one script.
+
+    RQ builds its bookkeeping (execution records, registries, job and worker
+    hashes) on a pipeline; a MULTI of fourteen commands costs twice the round
+    trip of one script call carrying the same commands.
+    """
+
+    _event_dispatcher: Any = None  # redis-py's command mixins declare it; nothing here sends
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(args)
+        return self
+
+
+_Held = tuple[list[Queue], Any]
+"""The queues a take looked at, in order, and the script's reply (``None``: none waited)."""
 
 
 def maintenance_interval(settings: Settings) -> int:
@@ -77,9 +137,9 @@ def redelivery_bound(settings: Settings) -> float:
 
     A job's started-registry entry expires ``redelivery_timeout`` after its
     last heartbeat and the next maintenance pass, at most one interval later,
-    puts it back. A one-queue worker killed between popping a job and
-    registering it leaves it in RQ's intermediate list, which RQ recovers a
-    minute after a maintenance pass first sees it. One more interval covers
+    puts it back. A worker killed between taking a job and registering it
+    leaves it in RQ's intermediate list, which RQ recovers a minute after a
+    maintenance pass first sees it. One more interval covers
     the queue wait of a job put back at the head of its queue.
     """
     interval = maintenance_interval(settings)
@@ -131,8 +191,12 @@ class _FeedfanWorkerMixin(BaseWorker):
         super().__init__(names, *args, **kwargs)
         self._lost_job_id: str | None = None
         self._state_sent: str | None = None
+        self._started_job_id: str | None = None
+        self._suspension_checked: float | None = None
         self._redelivery_timeout: int | None = None
         _retry_dropped_commands(self.connection)
+        self._held: _Held | None = None
+        self._script = self.connection.register_script(_RUN_AND_TAKE)
 
     # Settings ---------------------------------------------------------------
 
@@ -190,12 +254,175 @@ class _FeedfanWorkerMixin(BaseWorker):
 
         A one-process worker sets IDLE after each job and again as it starts
         waiting for the next: the second write is a round trip for nothing.
+        A change queued on a pipeline counts once :meth:`_sent` says the
+        pipeline ran.
         """
         if pipeline is None and state == self._state_sent:
             self._state = state
             return
         super().set_state(state, pipeline=pipeline)
         self._state_sent = state if pipeline is None else None
+
+    def _sent(self, state: str) -> None:
+        """The pipeline holding ``set_state(state, pipeline)`` has run."""
+        self._state_sent = state
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check for ``rq suspend``, at most once a second while jobs keep coming.
+
+        RQ reads the suspension flag (with a heartbeat) before every job: one
+        round trip a chunk. A suspended feedfan worker stops taking chunks
+        within a second instead, as it does when idle, and puts back the job
+        it took with the last one's finish.
+        """
+        checked = self._suspension_checked
+        if checked is not None and 0 <= time.monotonic() - checked < _SUSPENSION_EVERY:
+            return
+        if self._holding() and is_suspended(self.connection):
+            self._give_back()
+        super().check_for_suspension(burst)
+        self._suspension_checked = time.monotonic()
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's maintenance, once the job taken with the last finish has started.
+
+        Until then that job waits in its queue's intermediate list, where
+        RQ's cleanup would take it for one stuck there.
+        """
+        if not self._holding():
+            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+
+    def teardown(self) -> None:
+        """Put back a job taken but not started, then RQ's teardown."""
+        self._give_back()
+        super().teardown()  # type: ignore[no-untyped-call]
+
+    # Taking, starting and finishing a job -------------------------------------
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """The job taken with the last one's finish, or one waiting; else RQ's wait.
+
+        RQ pops a job id, then reads the job: two round trips. A worker of
+        several queues pops with LPOP/BLPOP, so a worker killed right after
+        its pop loses the job. Here a script moves the id of the first
+        waiting job, in the worker's queue order, to its queue's intermediate
+        list (as RQ does for a worker of one queue) and returns the job with
+        it, in the same call that finished the previous job; RQ's maintenance
+        finds it there if the worker dies before the job is registered. Only
+        when no job waits does RQ's own blocking wait run.
+        """
+        held, self._held = self._held, None
+        self.set_state(WorkerStatus.IDLE)
+        self.heartbeat()
+        while True:
+            if held is None:  # not looked for with the last finish: look now
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                try:
+                    held = self._send_and_take(_Commands())
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                    held = None  # RQ's own wait below reconnects and reports
+                    break
+            if not held[1]:
+                break
+            taken = self._taken(*held)
+            if taken is not None:
+                job, queue = taken
+                self.reorder_queues(reference_queue=queue)
+                version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+                job.redis_server_version = version
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+                return job, queue
+            held = None
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def _send(self, commands: _Commands) -> None:
+        """Send ``commands`` in one script call."""
+        self._call(commands, [])
+
+    def _send_and_take(self, commands: _Commands) -> _Held:
+        """Send ``commands`` and take the next waiting job, in one script call."""
+        queues = list(self._ordered_queues)
+        return queues, self._call(commands, queues)
+
+    def _call(self, commands: _Commands, queues: list[Queue]) -> Any:
+        keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
+        args: list[Any] = [self.job_class.redis_job_namespace_prefix if queues else ""]
+        for command in commands.commands:
+            args.append(len(command))
+            args.extend(command)
+        return self._script(keys=keys, args=args, client=self.connection)
+
+    def _taken(self, queues: list[Queue], reply: Any) -> tuple[Job, Queue] | None:
+        """The job a take returned, with its queue."""
+        number, raw_id, fields = reply
+        queue = queues[int(number) - 1]
+        job = self.job_class(
+            as_text(raw_id), connection=self.connection, serializer=self.serializer
+        )
+        try:
+            job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+        except Exception as e:
+            e.job_id = job.id  # type: ignore[attr-defined]  # as RQ's dequeue reports it
+            e.queue = queue  # type: ignore[attr-defined]
+            raise
+        return job, queue
+
+    def _holding(self) -> bool:
+        return self._held is not None and bool(self._held[1])
+
+    def _give_back(self) -> None:
+        """Put a job taken but not started back at the head of its queue."""
+        held, self._held = self._held, None
+        if held is None or not held[1]:
+            return
+        queues, (number, raw_id, _) = held
+        queue = queues[int(number) - 1]
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, raw_id)
+            pipe.lpush(queue.key, raw_id)
+            pipe.execute()
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """RQ's two start-of-job writes at once, in one script call, before the job runs.
+
+        RQ records the execution (started registry, worker BUSY) in one
+        transaction and marks the job STARTED in the next: a worker killed
+        between the two left a registered job still QUEUED. Here both, with
+        the job taken out of its intermediate list, are one; the work-horse
+        of a forking worker then has nothing left to write.
+        """
+        commands = _Commands()
+        pipe = cast(Any, commands)
+        ttl = self.get_heartbeat_ttl(job)
+        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+        self.executions[execution.id] = execution
+        self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        self.heartbeat(ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(job.key)
+        pipe.lrem(self._intermediate_key(job.origin), 1, job.id)
+        self._send(commands)
+        self._sent(WorkerStatus.BUSY)
+        self._started_job_id = job.id
+        return execution
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """Nothing to write for a job :meth:`prepare_execution` started; otherwise RQ's."""
+        if self._started_job_id == job.id:
+            self._started_job_id = None
+            doing = f"Processing {job.func_name} from {job.origin} since {time.time()}"
+            self.procline(doing)  # type: ignore[no-untyped-call]
+            return
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
+    def _intermediate_key(self, queue_name: str) -> str:
+        for queue in self.queues:
+            if queue.name == queue_name:
+                return str(queue.intermediate_queue_key)
+        return str(self.queue_class(queue_name, connection=self.connection).intermediate_queue_key)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """Mark the end; the job heartbeat RQ sends here only matters to a callback.
@@ -212,7 +439,7 @@ class _FeedfanWorkerMixin(BaseWorker):
     def handle_job_success(
         self, job: Job, queue: Queue, started_job_registry: Any, execution: Any
     ) -> None:
-        """Record a finished feedfan chunk in one transaction; other jobs as RQ does.
+        """Record a finished feedfan chunk and take the next job in one call; others as RQ does.
 
         RQ's own path watches the job's dependents key and reads it (two round
         trips), then rewrites the whole job hash and adds a result entry. A
@@ -220,24 +447,34 @@ class _FeedfanWorkerMixin(BaseWorker):
         given callbacks, and nothing may depend on it, so it is marked
         finished, stamped, put in the finished registry for
         ``result_ttl`` seconds and taken out of the started one: what RQ
-        leaves, without the rest.
+        leaves, without the rest. The same script call sets the worker IDLE
+        and takes the next waiting job (see :meth:`dequeue_job_and_maintain_ttl`),
+        unless the worker is stopping or its maintenance is due.
         """
         if not _is_plain_chunk(job):
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         ttl = job.get_result_ttl(self.default_result_ttl)
         ended = job.ended_at or now()
-        with self.connection.pipeline() as pipe:
-            self.increment_successful_job_count(pipeline=pipe)
-            if job.started_at is not None:
-                self.increment_total_working_time(ended - job.started_at, pipe)
-            job.set_status(JobStatus.FINISHED, pipeline=pipe)
-            pipe.hset(job.key, "ended_at", utcformat(ended))
-            if ttl != 0:
-                job.finished_job_registry.add(job, ttl, pipe)
-            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
-            self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.execute()
+        commands = _Commands()
+        pipe = cast(Any, commands)
+        self.increment_successful_job_count(pipeline=pipe)
+        if job.started_at is not None:
+            self.increment_total_working_time(ended - job.started_at, pipe)
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        pipe.hset(job.key, "ended_at", utcformat(ended))
+        if ttl != 0:
+            job.finished_job_registry.add(job, ttl, pipe)
+        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+        self.cleanup_execution(job, pipeline=pipe, execution=execution)
+        if self._is_horse:  # its parent says IDLE and takes the next job itself
+            self._send(commands)
+            return
+        self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+        # The next job comes in the same call, unless the worker stops or maintenance is due.
+        take = not self._stop_requested and not self.should_run_maintenance_tasks
+        self._held = self._send_and_take(commands) if take else None
+        self._sent(WorkerStatus.IDLE)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job's entry lives without a heartbeat: ``redelivery_timeout``."""

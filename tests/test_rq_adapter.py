@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from feedfan.errors import BrokerError, ConfigurationError, DispatchError, Paylo
 from feedfan.fanout import plan_chunks
 from feedfan.manager import Manager
 from feedfan.priority import FanoutPriority
+from feedfan.runner import reset_runner
 from feedfan.storage.redis import RedisStorage
 from feedfan.task import ChunkTask
 from feedfan.testing import Harness, MyStreamManager, WorkerProcess, make_user, wait_for
@@ -416,6 +418,100 @@ def test_a_finished_chunk_is_kept_briefly_and_sent_again_it_does_not_expire(
     # Then its job waits without the old expiry: it cannot vanish from its queue
     assert dispatcher.connection.ttl(key) == -1
     assert dispatcher.connection.hget(key, "status") == b"queued"
+
+
+def _drain_counting(settings: Settings, dispatcher: RQDispatcher, count: int) -> int:
+    """Queue ``count`` HIGH and ``count`` LOW chunks; the worker round trips to run them all."""
+    dispatcher.enqueue_many(_chunks(count, per_priority=True))
+    client = CountingRedis.at(settings.effective_broker_url)
+    queues = [dispatcher.rq_queue(HIGH), dispatcher.rq_queue(LOW)]
+    worker = FeedfanWorker(queues, connection=client)
+    worker.work(burst=True)
+    assert (dispatcher.queue_depth(HIGH), dispatcher.queue_depth(LOW)) == (0, 0)
+    return client.round_trips
+
+
+def test_a_worker_of_both_queues_spends_two_round_trips_a_chunk(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a feedfan worker of both queues, in this process, on a client that counts
+    settings, _, dispatcher = _rq(harness)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    reset_runner()
+    try:
+        # When it drains 10 chunks a queue, then 50 a queue
+        few = _drain_counting(settings, dispatcher, 10)
+        many = _drain_counting(settings, dispatcher, 50)
+    finally:
+        reset_runner()
+    # Then each chunk cost it three round trips: take and read, start, finish (the chunk's own
+    # write is the runner's), and a heartbeat or suspension check now and then
+    assert many - few <= 2 * 80 + 4, (few, many)
+    # And RQ sees them as finished, none left running or stuck between queue and worker
+    for priority in FanoutPriority:
+        queue = dispatcher.rq_queue(priority)
+        assert queue.started_job_registry.get_job_ids() == []
+        assert len(queue.finished_job_registry.get_job_ids()) == 60
+        assert dispatcher.connection.llen(queue.intermediate_queue_key) == 0
+
+
+def test_a_chunk_taken_with_the_last_finish_goes_back_when_the_worker_quits(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given three chunks waiting, and a worker (in this process) told to run one job
+    settings, _, dispatcher = _rq(harness)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    chunks = _chunks(3)
+    dispatcher.enqueue_many(chunks)
+    queue = dispatcher.rq_queue(HIGH)
+    worker = FeedfanWorker([queue], connection=dispatcher.connection)
+    reset_runner()
+    try:
+        # When it runs it: the finish takes the next chunk, then the worker quits
+        worker.work(burst=True, max_jobs=1)
+    finally:
+        reset_runner()
+    # Then that chunk is back at the head of its queue, not left in the intermediate
+    # list (where only RQ's recovery, a minute later, would find it)
+    waiting = [i.decode() for i in dispatcher.connection.lrange(queue.key, 0, -1)]
+    assert waiting == [c.task_id for c in chunks[1:]]
+    assert dispatcher.connection.llen(queue.intermediate_queue_key) == 0
+    assert queue.finished_job_registry.get_job_ids() == [chunks[0].task_id]
+
+
+def test_rq_suspend_stops_a_busy_worker_within_a_second_holding_nothing(
+    harness: Harness,
+) -> None:
+    # Given a worker running a fanout of 40 slow one-follower chunks
+    settings, manager, dispatcher = _rq(harness, fanout_chunk_size=1)
+    storage = manager.storage
+    assert isinstance(storage, RedisStorage)
+    harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "0.1"})
+    user = make_user(_namespace(), 40, 0)
+    pin = _pin(user)
+    receipt = manager.add_user_activity(user, pin)
+    wait_for(lambda: bool(started_chunks(storage)), timeout=SETTLE, message="no chunk started")
+    rq = [os.path.join(os.path.dirname(sys.executable), "rq")]
+    url = ["--url", settings.effective_broker_url]
+    queue = dispatcher.rq_queue(HIGH)
+    # When RQ's workers are suspended
+    subprocess.run([*rq, "suspend", *url], check=True, capture_output=True)
+    try:
+        # Then within a second and a chunk it takes no more, and the chunk it had taken
+        # with the last one's finish is back in the queue, not held in the intermediate list
+        time.sleep(2.0)
+        waiting = dispatcher.queue_depth(HIGH)
+        time.sleep(1.0)
+        assert dispatcher.queue_depth(HIGH) == waiting > 0
+        assert dispatcher.connection.llen(queue.intermediate_queue_key) == 0
+        assert queue.started_job_registry.get_job_ids() == []
+    finally:
+        subprocess.run([*rq, "resume", *url], check=True, capture_output=True)
+    # And resumed, it finishes the fanout
+    status = _settle(harness, manager, receipt)
+    assert (status.done, status.failed) == (40, 0) and _everyone_has(manager, user, pin)
 
 
 def test_purge_deletes_the_queues_and_their_jobs(harness: Harness) -> None:
