@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import zlib
 from typing import Any, cast
 
 from redis import exceptions as redis_errors
@@ -33,13 +34,14 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import CoreCommands
 from redis.exceptions import WatchError
 from redis.retry import Retry
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 from rq.suspension import is_suspended
-from rq.utils import as_text, current_timestamp, now, utcformat
+from rq.utils import as_text, current_timestamp, now, utcformat, utcparse
 from rq.worker import BaseWorker, SimpleWorker, Worker, WorkerStatus
 
 from feedfan.config import Settings
@@ -356,19 +358,39 @@ class _FeedfanWorkerMixin(BaseWorker):
         return self._script(keys=keys, args=args, client=self.connection)
 
     def _taken(self, queues: list[Queue], reply: Any) -> tuple[Job, Queue] | None:
-        """The job a take returned, with its queue."""
+        """The job a take returned, or ``None`` if its hash does not load (it is refused)."""
         number, raw_id, fields = reply
         queue = queues[int(number) - 1]
         job = self.job_class(
             as_text(raw_id), connection=self.connection, serializer=self.serializer
         )
+        raw = dict(zip(fields[::2], fields[1::2], strict=True))
         try:
-            job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
-        except Exception as e:
-            e.job_id = job.id  # type: ignore[attr-defined]  # as RQ's dequeue reports it
-            e.queue = queue  # type: ignore[attr-defined]
-            raise
+            job.restore(raw)
+        except Exception as e:  # RQ's own dequeue would let this stop the worker
+            self._refuse_unreadable(queue, job.id, _unreadable_reason(raw, e))
+            return None
         return job, queue
+
+    def _refuse_unreadable(self, queue: Queue, job_id: str, reason: str) -> None:
+        """Keep a job whose hash does not load in its queue's failed registry, with ``reason``."""
+        logger.warning(
+            "feedfan refused RQ job %s from queue %s: %s It is kept in that queue's failed job "
+            "registry; the worker goes on.",
+            job_id,
+            queue.name,
+            reason,
+        )
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+            key = self.job_class.key_for(job_id)
+            pipe.hset(
+                key,
+                mapping={"status": JobStatus.FAILED, "exc_info": zlib.compress(reason.encode())},
+            )
+            expires = current_timestamp() + DEFAULT_FAILURE_TTL
+            pipe.zadd(queue.failed_job_registry.key, {job_id: expires})
+            pipe.execute()
 
     def _holding(self) -> bool:
         return self._held is not None and bool(self._held[1])
@@ -639,6 +661,29 @@ class _FeedfanWorkerMixin(BaseWorker):
         queue.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
         Result.create_failure(job, job.failure_ttl, exc_string=reason, pipeline=pipe)
         self.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+
+_DATE_FIELDS = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
+
+
+def _unreadable_reason(raw: dict[Any, Any], error: Exception) -> str:
+    """Why a job hash does not load, naming the field and value when it is one of RQ's dates."""
+    fields = {as_text(k): v for k, v in raw.items()}
+    for name in _DATE_FIELDS:
+        value = fields.get(name)
+        if value:
+            try:
+                utcparse(as_text(value))
+            except ValueError:
+                return (
+                    f"its job hash does not load: field {name} is {as_text(value)!r}, not a "
+                    "date as RQ writes it (2026-01-31T12:00:00.000000Z). It was not run; fix "
+                    "the field and requeue the job (rq requeue), or delete it."
+                )
+    return (
+        f"its job hash does not load ({type(error).__name__}: {error}). It was not run; fix "
+        "the job hash and requeue the job (rq requeue), or delete it."
+    )
 
 
 def _poison_reason(why: str) -> str:

@@ -481,6 +481,32 @@ def test_a_chunk_taken_with_the_last_finish_goes_back_when_the_worker_quits(
     assert queue.finished_job_registry.get_job_ids() == [chunks[0].task_id]
 
 
+def test_a_job_whose_hash_does_not_load_is_kept_failed_and_the_worker_goes_on(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose hash RQ cannot read (a broken date) ahead of a good chunk
+    settings, _, dispatcher = _rq(harness)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    broken, good = _chunks(2)
+    dispatcher.enqueue_many([broken, good])
+    connection = dispatcher.connection
+    connection.hset(f"rq:job:{broken.task_id}", "created_at", "yesterday")
+    queue = dispatcher.rq_queue(HIGH)
+    worker = FeedfanWorker([queue], connection=connection)
+    reset_runner()
+    try:
+        # When a worker drains the queue
+        worker.work(burst=True)
+    finally:
+        reset_runner()
+    # Then the good chunk ran, and the broken job is kept with a reason naming the field
+    assert queue.finished_job_registry.get_job_ids() == [good.task_id]
+    kept = dispatcher.failed_messages()
+    assert len(kept) == 1 and "created_at" in kept[0].reason and "yesterday" in kept[0].reason
+    assert connection.llen(queue.intermediate_queue_key) == 0
+
+
 def test_rq_suspend_stops_a_busy_worker_within_a_second_holding_nothing(
     harness: Harness,
 ) -> None:
