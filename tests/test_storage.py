@@ -153,6 +153,24 @@ def test_clear_deletes_only_this_prefix(feedfan_redis_url: str) -> None:
         other.clear()
 
 
+@pytest.mark.parametrize("bad", ["", "feed:\nother"])
+def test_a_feed_key_the_script_cannot_carry_is_refused_by_name_writing_nothing(
+    feedfan_redis_url: str, bad: str
+) -> None:
+    # Given the script path, which sends a chunk's feed keys as one argument, a line each
+    store = RedisStorage(url=feedfan_redis_url, key_prefix=f"st-{uuid.uuid4().hex[:8]}:")
+    good = store.feed_key("timeline", 1)
+    try:
+        # When a batch names a key that is empty or holds a newline
+        with pytest.raises(ValueError, match="feed keys must be non-empty and hold no newline"):
+            store.apply(WriteBatch("add", [(good, 5), (bad, 5)], [entry(1)]))
+        # Then nothing was written, not even the good feed
+        assert store.feed_length(good) == 0
+    finally:
+        store.clear()
+        store.close()
+
+
 def test_an_unreachable_redis_is_a_storage_error_naming_the_url_without_its_password() -> None:
     store = RedisStorage(url="redis://:s3cret@127.0.0.1:1/0", connection_options={"retry": None})
     with pytest.raises(StorageError) as raised:

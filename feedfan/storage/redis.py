@@ -41,18 +41,23 @@ __all__ = ["RedisStorage", "WriteMode"]
 
 WriteMode = Literal["script", "pipeline"]
 
-# KEYS: done set, failed hash, then the feed keys.
+# KEYS: done set, failed hash.
 # ARGV: op, chunk marker ('' for none), ttl, entry count n, n (score, member)
 # pairs for an add or n members for a remove, then for an add the max lengths
 # as runs: a run count g, then g (key count, max length) pairs covering the
-# feed keys in order. Runs, not one length per key, because a chunk's keys
-# come feed by feed and packing arguments is much of a write's client-side cost.
+# feed keys in order; last, the feed keys joined by newlines (no key feedfan
+# builds holds one). Runs, and one argument for all keys, because packing
+# arguments is much of a write's client-side cost: one argument per key was
+# a third of a worker's time on chunks of thousands of followers. (Feed keys
+# of one chunk hash to many slots, so this never ran on Redis Cluster.)
 # Members are sent to ZADD/ZREM in slices so unpack() stays far below Lua's
 # C-stack limit whatever the entry count.
 _APPLY_SCRIPT = """
 local op, marker, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local slice = 500
 local first = 5
+local feeds = {}
+for key in string.gmatch(ARGV[#ARGV], '[^\\n]+') do feeds[#feeds + 1] = key end
 if op == 'add' then
   local args = {}
   for j = 0, n - 1 do
@@ -60,28 +65,28 @@ if op == 'add' then
     args[#args + 1] = ARGV[first + 2 * j + 1]
   end
   local runs = first + 2 * n
-  local k = 3
+  local k = 1
   for g = 0, tonumber(ARGV[runs]) - 1 do
     local count = tonumber(ARGV[runs + 1 + 2 * g])
     local stop = -(tonumber(ARGV[runs + 2 + 2 * g]) + 1)
     for _ = 1, count do
       local i = 0
       while i < 2 * n do
-        redis.call('ZADD', KEYS[k], unpack(args, i + 1, math.min(i + 2 * slice, 2 * n)))
+        redis.call('ZADD', feeds[k], unpack(args, i + 1, math.min(i + 2 * slice, 2 * n)))
         i = i + 2 * slice
       end
-      redis.call('ZREMRANGEBYRANK', KEYS[k], 0, stop)
+      redis.call('ZREMRANGEBYRANK', feeds[k], 0, stop)
       k = k + 1
     end
   end
 else
-  for k = 3, #KEYS do
+  for k = 1, #feeds do
     local i = 0
     while i < n do
       local args = {}
       local last = math.min(i + slice, n) - 1
       for j = i, last do args[#args + 1] = ARGV[first + j] end
-      redis.call('ZREM', KEYS[k], unpack(args))
+      redis.call('ZREM', feeds[k], unpack(args))
       i = last + 1
     end
   end
@@ -91,7 +96,7 @@ if marker ~= '' then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('HDEL', KEYS[2], marker)
 end
-return #KEYS - 2
+return #feeds
 """
 
 # KEYS: fanout hash, done set, failed hash, recent-fanouts zset.
@@ -222,7 +227,7 @@ class RedisStorage(Storage):
     def _apply_with_script(self, batch: WriteBatch) -> None:
         done_key, failed_key, marker = self._chunk_keys(batch)
         keys = [done_key or self._key("none"), failed_key or self._key("none")]
-        keys.extend(key for key, _ in batch.feeds)
+        feeds = _joined_keys([key for key, _ in batch.feeds])
         args: list[str | int] = [batch.op, marker, self.status_ttl, len(batch.entries)]
         if batch.op == "add":
             for member, score in batch.entries:
@@ -233,6 +238,7 @@ class RedisStorage(Storage):
                 args.extend((count, max_length))
         else:
             args.extend(member for member, _ in batch.entries)
+        args.append(feeds)
         self._apply_script(keys=keys, args=args)
 
     def _apply_with_pipeline(self, batch: WriteBatch) -> None:
@@ -382,6 +388,22 @@ class RedisStorage(Storage):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _joined_keys(keys: list[str]) -> str:
+    """``keys`` as one script argument, one per line; each must be non-empty, without newline."""
+    joined = "\n".join(keys)
+    if (
+        joined.count("\n") != max(len(keys) - 1, 0)
+        or "\n\n" in joined
+        or (keys and not (keys[0] and keys[-1]))
+    ):
+        bad = [key for key in keys if not key or "\n" in key][:3]
+        raise ValueError(
+            f"feed keys must be non-empty and hold no newline, got {bad!r}; feedfan's own "
+            "keys never do: build feed keys with Storage.feed_key."
+        )
+    return joined
 
 
 def _runs(values: Iterable[int]) -> list[tuple[int, int]]:
