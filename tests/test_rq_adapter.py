@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -420,6 +421,18 @@ def test_a_finished_chunk_is_kept_briefly_and_sent_again_it_does_not_expire(
     assert dispatcher.connection.hget(key, "status") == b"queued"
 
 
+@contextlib.contextmanager
+def _runs_chunks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside the block, this process runs chunks as a worker of ``settings`` does."""
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    reset_runner()
+    try:
+        yield
+    finally:
+        reset_runner()
+
+
 def _drain_counting(settings: Settings, dispatcher: RQDispatcher, count: int) -> int:
     """Queue ``count`` HIGH and ``count`` LOW chunks; the worker round trips to run them all."""
     dispatcher.enqueue_many(_chunks(count, per_priority=True))
@@ -436,17 +449,12 @@ def test_a_worker_of_both_queues_spends_two_round_trips_a_chunk(
 ) -> None:
     # Given a feedfan worker of both queues, in this process, on a client that counts
     settings, _, dispatcher = _rq(harness)
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
-    reset_runner()
-    try:
-        # When it drains 10 chunks a queue, then 50 a queue
+    # When it drains 10 chunks a queue, then 50 a queue
+    with _runs_chunks(settings, monkeypatch):
         few = _drain_counting(settings, dispatcher, 10)
         many = _drain_counting(settings, dispatcher, 50)
-    finally:
-        reset_runner()
-    # Then each chunk cost it three round trips: take and read, start, finish (the chunk's own
-    # write is the runner's), and a heartbeat or suspension check now and then
+    # Then each chunk cost it two round trips: start, and finish with the next one's take
+    # (the chunk's own write is the runner's), and a heartbeat or suspension check now and then
     assert many - few <= 2 * 80 + 4, (few, many)
     # And RQ sees them as finished, none left running or stuck between queue and worker
     for priority in FanoutPriority:
@@ -461,18 +469,13 @@ def test_a_chunk_taken_with_the_last_finish_goes_back_when_the_worker_quits(
 ) -> None:
     # Given three chunks waiting, and a worker (in this process) told to run one job
     settings, _, dispatcher = _rq(harness)
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
     chunks = _chunks(3)
     dispatcher.enqueue_many(chunks)
     queue = dispatcher.rq_queue(HIGH)
     worker = FeedfanWorker([queue], connection=dispatcher.connection)
-    reset_runner()
-    try:
-        # When it runs it: the finish takes the next chunk, then the worker quits
+    # When it runs it: the finish takes the next chunk, then the worker quits
+    with _runs_chunks(settings, monkeypatch):
         worker.work(burst=True, max_jobs=1)
-    finally:
-        reset_runner()
     # Then that chunk is back at the head of its queue, not left in the intermediate
     # list (where only RQ's recovery, a minute later, would find it)
     waiting = [i.decode() for i in dispatcher.connection.lrange(queue.key, 0, -1)]
@@ -486,20 +489,15 @@ def test_a_job_whose_hash_does_not_load_is_kept_failed_and_the_worker_goes_on(
 ) -> None:
     # Given a job whose hash RQ cannot read (a broken date) ahead of a good chunk
     settings, _, dispatcher = _rq(harness)
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
     broken, good = _chunks(2)
     dispatcher.enqueue_many([broken, good])
     connection = dispatcher.connection
     connection.hset(f"rq:job:{broken.task_id}", "created_at", "yesterday")
     queue = dispatcher.rq_queue(HIGH)
     worker = FeedfanWorker([queue], connection=connection)
-    reset_runner()
-    try:
-        # When a worker drains the queue
+    # When a worker drains the queue
+    with _runs_chunks(settings, monkeypatch):
         worker.work(burst=True)
-    finally:
-        reset_runner()
     # Then the good chunk ran, and the broken job is kept with a reason naming the field
     assert queue.finished_job_registry.get_job_ids() == [good.task_id]
     kept = dispatcher.failed_messages()
