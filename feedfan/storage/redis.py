@@ -14,9 +14,9 @@ Keys, all under the configured prefix (``feedfan:`` by default):
     list of messages workers refused, newest first
 
 A chunk is written in one round trip, either by one server-side script
-(``write_mode = "script"``, the default: 1.6 to 3.5 times the writes/s of a
-pipeline, median 2.85, over chunks of 10 to 5,000 feeds in one benchmark run;
-see ``benchmarks/``) or by one pipeline (``"pipeline"``, for Redis
+(``write_mode = "script"``, the default: 1.5 to 4.6 times the writes/s of a
+pipeline, median 4.0, over chunks of 10 to 5,000 feeds in one benchmark run,
+2026-11-24; see ``benchmarks/``) or by one pipeline (``"pipeline"``, for Redis
 deployments that forbid scripts). Both record the chunk as done in the same
 round trip, so progress never runs ahead of the feeds.
 """
