@@ -120,8 +120,8 @@ class _Commands(CoreCommands):
         return self
 
 
-_Held = tuple[list[Queue], Any]
-"""The queues a take looked at, in order, and the script's reply (``None``: none waited)."""
+_Held = tuple[Queue, str, list[Any]]
+"""A job a take moved to its queue's intermediate list: the queue, the job id, the job hash."""
 
 
 def maintenance_interval(settings: Settings) -> int:
@@ -198,6 +198,7 @@ class _FeedfanWorkerMixin(BaseWorker):
         self._redelivery_timeout: int | None = None
         _retry_dropped_commands(self.connection)
         self._held: _Held | None = None
+        self._looked = False  # the last finish looked for the next job: _held is what it found
         self._script = self.connection.register_script(_RUN_AND_TAKE)
 
     # Settings ---------------------------------------------------------------
@@ -315,21 +316,21 @@ class _FeedfanWorkerMixin(BaseWorker):
         finds it there if the worker dies before the job is registered. Only
         when no job waits does RQ's own blocking wait run.
         """
-        held, self._held = self._held, None
+        held, looked = self._held, self._looked
+        self._held, self._looked = None, False
         self.set_state(WorkerStatus.IDLE)
         self.heartbeat()
         while True:
-            if held is None:  # not looked for with the last finish: look now
+            if not looked:  # not looked for with the last finish: look now
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 try:
                     held = self._send_and_take(_Commands())
                 except (redis_errors.ConnectionError, redis_errors.TimeoutError):
-                    held = None  # RQ's own wait below reconnects and reports
-                    break
-            if not held[1]:
+                    break  # RQ's own wait below reconnects and reports
+            if held is None:
                 break
-            taken = self._taken(*held)
+            taken = self._taken(held)
             if taken is not None:
                 job, queue = taken
                 self.reorder_queues(reference_queue=queue)
@@ -337,17 +338,21 @@ class _FeedfanWorkerMixin(BaseWorker):
                 job.redis_server_version = version
                 self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
                 return job, queue
-            held = None
+            looked = False
         return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def _send(self, commands: _Commands) -> None:
         """Send ``commands`` in one script call."""
         self._call(commands, [])
 
-    def _send_and_take(self, commands: _Commands) -> _Held:
+    def _send_and_take(self, commands: _Commands) -> _Held | None:
         """Send ``commands`` and take the next waiting job, in one script call."""
         queues = list(self._ordered_queues)
-        return queues, self._call(commands, queues)
+        reply = self._call(commands, queues)
+        if not reply:
+            return None  # no job waited
+        number, raw_id, fields = reply
+        return queues[int(number) - 1], as_text(raw_id), fields
 
     def _call(self, commands: _Commands, queues: list[Queue]) -> Any:
         keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
@@ -357,13 +362,10 @@ class _FeedfanWorkerMixin(BaseWorker):
             args.extend(command)
         return self._script(keys=keys, args=args, client=self.connection)
 
-    def _taken(self, queues: list[Queue], reply: Any) -> tuple[Job, Queue] | None:
+    def _taken(self, held: _Held) -> tuple[Job, Queue] | None:
         """The job a take returned, or ``None`` if its hash does not load (it is refused)."""
-        number, raw_id, fields = reply
-        queue = queues[int(number) - 1]
-        job = self.job_class(
-            as_text(raw_id), connection=self.connection, serializer=self.serializer
-        )
+        queue, job_id, fields = held
+        job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
         raw = dict(zip(fields[::2], fields[1::2], strict=True))
         try:
             job.restore(raw)
@@ -393,18 +395,17 @@ class _FeedfanWorkerMixin(BaseWorker):
             pipe.execute()
 
     def _holding(self) -> bool:
-        return self._held is not None and bool(self._held[1])
+        return self._held is not None
 
     def _give_back(self) -> None:
         """Put a job taken but not started back at the head of its queue."""
-        held, self._held = self._held, None
-        if held is None or not held[1]:
+        held, self._held, self._looked = self._held, None, False
+        if held is None:
             return
-        queues, (number, raw_id, _) = held
-        queue = queues[int(number) - 1]
+        queue, job_id, _ = held
         with self.connection.pipeline() as pipe:
-            pipe.lrem(queue.intermediate_queue_key, 1, raw_id)
-            pipe.lpush(queue.key, raw_id)
+            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+            pipe.lpush(queue.key, job_id)
             pipe.execute()
 
     def prepare_execution(self, job: Job) -> Execution:
@@ -495,7 +496,10 @@ class _FeedfanWorkerMixin(BaseWorker):
         self.set_state(WorkerStatus.IDLE, pipeline=pipe)
         # The next job comes in the same call, unless the worker stops or maintenance is due.
         take = not self._stop_requested and not self.should_run_maintenance_tasks
-        self._held = self._send_and_take(commands) if take else None
+        if take:
+            self._held, self._looked = self._send_and_take(commands), True
+        else:
+            self._send(commands)
         self._sent(WorkerStatus.IDLE)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
