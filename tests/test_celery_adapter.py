@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import pickle
@@ -16,11 +18,12 @@ from typing import Any
 
 import kombu
 import pytest
+import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
 from feedfan.activity import Activity
-from feedfan.backends import _celery_app
+from feedfan.backends import _celery_app, _celery_guard
 from feedfan.backends.celery import CeleryDispatcher, CeleryManager, register_tasks
 from feedfan.config import load_settings
 from feedfan.errors import BrokerError, ConfigurationError, DispatchError
@@ -364,6 +367,139 @@ def test_a_worker_serving_both_queues_on_redis_takes_every_high_chunk_first(
     # Then all HIGH chunks started before any LOW one
     order = [str(row["chunk"]).split(":")[0] for row in started_chunks(storage)]
     assert order == ["high"] * 4 + ["low"] * 4
+
+
+class _Killed(Exception):
+    """The consuming process dies here."""
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("prefix", "layout"),
+    [("", "kombu"), ("ff-prefix:", "kombu"), ("", "compact, properties first")],
+    ids=["kombu-json", "global-keyprefix", "other-json"],
+)
+def test_a_worker_killed_as_redis_hands_it_a_message_leaves_the_message_restorable(
+    feedfan_redis_url: str, prefix: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"feedfan.t{uuid.uuid4().hex[:10]}"
+    options: dict[str, Any] = {
+        "global_keyprefix": prefix,
+        "unacked_key": f"{name}.unacked",
+        "unacked_index_key": f"{name}.unacked_index",
+    }
+    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
+    raw = redis.Redis.from_url(feedfan_redis_url)
+
+    def connect(**extra: Any) -> kombu.Connection:
+        return kombu.Connection(
+            feedfan_redis_url,
+            transport=_celery_app.TRANSPORT_PATH,
+            transport_options={**options, **extra},
+        )
+
+    def received(connection: kombu.Connection) -> list[Any]:
+        bodies: list[Any] = []
+
+        def keep(body: Any, message: Any) -> None:
+            bodies.append(body)
+            message.ack()
+
+        with (
+            connection.Consumer(queue, callbacks=[keep], accept=["json"]),
+            contextlib.suppress(TimeoutError),
+        ):
+            connection.drain_events(timeout=2)
+        return bodies
+
+    try:
+        with connect() as connection:
+            connection.Producer().publish(
+                {"chunk": 1}, exchange=queue.exchange, routing_key=name, declare=[queue]
+            )
+        if layout != "kombu":  # as another producer's JSON library might write it
+            item = raw.rpop(prefix + name)
+            assert item is not None
+            message = json.loads(item)
+            message = {"properties": message.pop("properties"), **message}
+            raw.lpush(prefix + name, json.dumps(message, separators=(",", ":")))
+
+        # Given a consumer that dies once Redis has answered its pop, before it reads the answer
+        def dies(channel: Any, **_: Any) -> None:
+            channel.client.connection.disconnect()
+            raise _Killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(_celery_guard.GuardedRedisChannel, "_brpop_read", dies)
+            with connect() as connection, pytest.raises(_Killed):
+                received(connection)
+        # Then the message left the queue but is recorded as unacknowledged
+        assert raw.llen(prefix + name) == 0
+        assert raw.hlen(prefix + options["unacked_key"]) == 1
+        assert raw.zcard(prefix + options["unacked_index_key"]) == 1
+        # And once its visibility timeout passes it is restored and delivered again
+        with connect(visibility_timeout=0) as connection:
+            connection.default_channel.qos.restore_visible(num=10, interval=1)
+            assert received(connection) == [{"chunk": 1}]
+        assert raw.hlen(prefix + options["unacked_key"]) == 0
+    finally:
+        raw.delete(*(raw.keys(f"{prefix}*{name}*") or [name]))
+        raw.close()
+
+
+@pytest.mark.broker
+def test_items_a_take_pops_that_kombu_cannot_read_are_kept_and_leave_no_record(
+    feedfan_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"feedfan.t{uuid.uuid4().hex[:10]}"
+    options = {"unacked_key": f"{name}.unacked", "unacked_index_key": f"{name}.unacked_index"}
+    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
+    raw = redis.Redis.from_url(feedfan_redis_url)
+    kept: list[tuple[str, bytes | str, str]] = []
+
+    def keep(queue: str, body: bytes | str, reason: str, *, feedfan_only: bool) -> bool:
+        kept.append((queue, body, reason))
+        return True
+
+    monkeypatch.setattr(_celery_guard, "keep_garbage", keep)
+    connection = kombu.Connection(
+        feedfan_redis_url, transport=_celery_app.TRANSPORT_PATH, transport_options=options
+    )
+    try:
+        # Given, queued before any consumer: no JSON, a message with a bad body, a good one
+        connection.Producer().publish(
+            {"chunk": 1}, exchange=queue.exchange, routing_key=name, declare=[queue]
+        )
+        good = raw.rpop(name)
+        assert good is not None
+        message = json.loads(good)
+        message["body"] = "abc"
+        message["properties"]["delivery_tag"] = uuid.uuid4().hex
+        bad_body = json.dumps(message).encode()
+        raw.lpush(name, b"not json", bad_body, good)
+        bodies: list[Any] = []
+
+        def take(body: Any, message: Any) -> None:
+            bodies.append(body)
+            message.ack()
+
+        # When a consumer takes them
+        with connection.Consumer(queue, callbacks=[take], accept=["json"]):
+            for _ in range(3):
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=1)
+        # Then the good one is delivered, the other two kept with their reason
+        assert bodies == [{"chunk": 1}]
+        assert [(q, body) for q, body, _ in kept] == [(name, b"not json"), (name, bad_body)]
+        assert "not JSON" in kept[0][2] and "base64" in kept[1][2]
+        # And no unacknowledged record is left to bring any of them back
+        assert raw.llen(name) == 0
+        assert raw.hlen(options["unacked_key"]) == 0
+        assert raw.zcard(options["unacked_index_key"]) == 0
+    finally:
+        connection.release()
+        raw.delete(*(raw.keys(f"*{name}*") or [name]))
+        raw.close()
 
 
 @pytest.mark.broker
