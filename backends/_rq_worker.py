@@ -726,6 +726,8 @@ def _record_failed_chunk(job: Job, reason: str) -> None:
         body = job.args[0] if len(job.args) == 1 else None
         if isinstance(body, str):
             get_runner().count_failed(decode_task(body), reason)
+    except (PayloadError, DeserializationError):
+        pass  # a malformed job names no fanout to count it in; it was logged as refused
     except Exception:  # the job is failed in RQ either way; progress is best effort
         logger.warning("feedfan could not record the failure of RQ job %s", job.id, exc_info=True)
 

@@ -578,7 +578,9 @@ def test_a_pickled_job_is_refused_kept_and_the_worker_goes_on(
     assert kept[0].queue == manager.settings.queue_high
     assert "pickled" in kept[0].reason and "never unpickles" in kept[0].reason
     assert worker.alive()
-    assert "feedfan refused RQ job raw-" in worker.log_path.read_text()
+    log = worker.log_path.read_text()
+    assert "feedfan refused RQ job raw-" in log
+    assert "could not record the failure" not in log
 
 
 def test_a_malformed_payload_is_kept_with_its_reason_and_the_worker_goes_on(
@@ -600,6 +602,8 @@ def test_a_malformed_payload_is_kept_with_its_reason_and_the_worker_goes_on(
     assert kept[0].body == "this is not json" and kept[0].queue == manager.settings.queue_low
     assert kept[0].reason.startswith("feedfan.errors.PayloadError: task is not JSON")
     assert worker.alive()
+    # And it belongs to no fanout, so there is no progress to count it in, and no second error
+    assert "could not record the failure" not in worker.log_path.read_text()
 
 
 def test_a_job_naming_another_function_is_refused_and_runs_nothing(
