@@ -17,6 +17,8 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 from kombu import entity as kombu_entity
 
 from feedfan.config import Settings, load_settings
@@ -26,6 +28,7 @@ from feedfan.runner import TaskRunner, get_runner
 __all__ = [
     "CONSUMER_PATH",
     "TASK_NAME",
+    "FeedfanRequest",
     "TRANSPORT_PATH",
     "AppProblem",
     "app_broker_url",
@@ -222,6 +225,36 @@ def _run(task: Task, *args: Any, **kwargs: Any) -> int:
         raise AssertionError("Task.retry returned instead of raising") from None
 
 
+class FeedfanRequest(Request):  # type: ignore[misc]
+    """Celery's request of a feedfan task; a chunk killed at the hard time limit is kept.
+
+    Celery kills a task that outlives ``time_limit`` (feedfan's chunk ignored
+    the soft limit, as code stuck in C does), logs it, and acknowledges the
+    message: the chunk would be gone, written to no feed, and its fanout
+    would never settle. feedfan keeps its body, with the reason, and counts
+    it failed, as for a chunk that failed every retry. It is not sent again
+    by itself: one that hung once would likely hang again (replay it with
+    ``feedfan replay`` once fixed).
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if soft or worker_state.should_terminate:
+            return  # a soft limit is the task's to handle; a cold shutdown is not a failure
+        args = self.args
+        if len(args) != 1 or not isinstance(args[0], str):
+            return  # not a task feedfan sent: _run keeps such messages when it runs them
+        reason = (
+            f"killed at the hard time limit ({timeout:g} s): the chunk did not stop at its "
+            "soft limit (chunk_time_limit). Look for a call that blocks without a timeout, "
+            "then replay it."
+        )
+        try:
+            get_runner().give_up(args[0], queue=_queue_of(self.delivery_info), reason=reason)
+        except Exception:  # the worker must go on; the error log above names the task
+            logger.exception("feedfan could not keep task %s killed at its time limit", self.id)
+
+
 def _register(app: Celery, settings: Settings) -> Task:
     options: dict[str, Any] = {
         "name": TASK_NAME,
@@ -236,6 +269,7 @@ def _register(app: Celery, settings: Settings) -> Task:
         "soft_time_limit": settings.chunk_time_limit,
         "time_limit": hard_time_limit(settings),
         "max_retries": settings.max_retries,
+        "Request": FeedfanRequest,
     }
     task: Task = app.task(**options)(_run)
     return task

@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -304,6 +305,49 @@ def test_a_chunk_that_keeps_failing_is_retried_then_kept(harness: Harness, tmp_p
     assert all(m.reason == "gave up: RuntimeError('disk full')" for m in kept)
     log = "\n".join(worker.log_tail(400) for worker in harness.workers)
     assert log.count("(attempt 2 of 3), retrying") >= 2
+
+
+@pytest.mark.broker
+def test_a_chunk_killed_at_the_hard_time_limit_is_kept_and_counted_failed(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a worker whose chunks ignore the soft time limit, as code stuck in C would
+    (tmp_path / "stuck_app.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+            from feedfan.testing.managers import ConformanceManager
+
+            class StuckManager(ConformanceManager):
+                def run_chunk(self, task):
+                    end = time.monotonic() + 60
+                    while time.monotonic() < end:
+                        try:
+                            time.sleep(0.05)
+                        except BaseException:  # SoftTimeLimitExceeded too
+                            pass
+                    return 0
+            """
+        )
+    )
+    settings = harness.settings(app="stuck_app:StuckManager")
+    manager = harness.manager(settings)
+    harness.start_worker(settings, env={"PYTHONPATH": str(tmp_path)})
+    user = make_user(_namespace(), 1, 0)
+    # When a fanout is sent and Celery kills its chunk at the hard time limit
+    receipt = manager.add_user_activity(user, _pin(user))
+    status = manager.wait(receipt, timeout=60)
+    # Then the chunk is counted failed and kept with the reason, not acknowledged away
+    assert (status.done, status.failed) == (0, 1), harness.worker_logs()
+    kept = manager.dispatcher.failed_messages(limit=5)
+    assert len(kept) == 1 and kept[0].queue == settings.queue_high
+    limit = _celery_app.hard_time_limit(settings)
+    assert f"killed at the hard time limit ({limit} s)" in kept[0].reason
+    # And it is not delivered again behind Celery's back (it would be killed and kept twice)
+    time.sleep(limit + 2)
+    assert len(manager.dispatcher.failed_messages(limit=5)) == 1
+    assert manager.dispatcher.queue_depth(HIGH) == 0
+    assert all(worker.alive() for worker in harness.workers)
 
 
 @pytest.mark.broker
