@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -277,23 +278,33 @@ def test_replay_sends_kept_valid_tasks_back_and_keeps_the_rest(
     assert not any(m.body == chunk.to_json() for m in dispatcher.failed_messages(limit=10_000))
 
 
+def _worker_of_app(harness: Harness, tmp_path: Path, module: str, source: str) -> Manager:
+    """A manager of ``module:<its one class>`` written from ``source``, with a worker running it."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    name = re.search(r"^class (\w+)", textwrap.dedent(source), re.MULTILINE)
+    assert name is not None
+    settings = harness.settings(app=f"{module}:{name.group(1)}")
+    manager = harness.manager(settings)
+    harness.start_worker(settings, env={"PYTHONPATH": str(tmp_path)})
+    return manager
+
+
 @pytest.mark.broker
 def test_a_chunk_that_keeps_failing_is_retried_then_kept(harness: Harness, tmp_path: Path) -> None:
     # Given a worker whose manager fails every write
-    (tmp_path / "failing_app.py").write_text(
-        textwrap.dedent(
-            """
-            from feedfan.testing.managers import ConformanceManager
+    manager = _worker_of_app(
+        harness,
+        tmp_path,
+        "failing_app",
+        """
+        from feedfan.testing.managers import ConformanceManager
 
-            class FailingManager(ConformanceManager):
-                def run_chunk(self, task):
-                    raise RuntimeError("disk full")
-            """
-        )
+        class FailingManager(ConformanceManager):
+            def run_chunk(self, task):
+                raise RuntimeError("disk full")
+        """,
     )
-    settings = harness.settings(app="failing_app:FailingManager")
-    manager = harness.manager(settings)
-    harness.start_worker(settings, env={"PYTHONPATH": str(tmp_path)})
+    settings = manager.settings
     user = make_user(_namespace(), 2, 1)
     # When a fanout is sent
     receipt = manager.add_user_activity(user, _pin(user))
@@ -312,27 +323,26 @@ def test_a_chunk_killed_at_the_hard_time_limit_is_kept_and_counted_failed(
     harness: Harness, tmp_path: Path
 ) -> None:
     # Given a worker whose chunks ignore the soft time limit, as code stuck in C would
-    (tmp_path / "stuck_app.py").write_text(
-        textwrap.dedent(
-            """
-            import time
-            from feedfan.testing.managers import ConformanceManager
+    manager = _worker_of_app(
+        harness,
+        tmp_path,
+        "stuck_app",
+        """
+        import time
+        from feedfan.testing.managers import ConformanceManager
 
-            class StuckManager(ConformanceManager):
-                def run_chunk(self, task):
-                    end = time.monotonic() + 60
-                    while time.monotonic() < end:
-                        try:
-                            time.sleep(0.05)
-                        except BaseException:  # SoftTimeLimitExceeded too
-                            pass
-                    return 0
-            """
-        )
+        class StuckManager(ConformanceManager):
+            def run_chunk(self, task):
+                end = time.monotonic() + 60
+                while time.monotonic() < end:
+                    try:
+                        time.sleep(0.05)
+                    except BaseException:  # SoftTimeLimitExceeded too
+                        pass
+                return 0
+        """,
     )
-    settings = harness.settings(app="stuck_app:StuckManager")
-    manager = harness.manager(settings)
-    harness.start_worker(settings, env={"PYTHONPATH": str(tmp_path)})
+    settings = manager.settings
     user = make_user(_namespace(), 1, 0)
     # When a fanout is sent and Celery kills its chunk at the hard time limit
     receipt = manager.add_user_activity(user, _pin(user))
