@@ -53,7 +53,13 @@ from feedfan.runner import get_runner
 
 from ._celery_app import TASK_NAME
 
-__all__ = ["FeedfanConsumer", "GuardedRedisTransport", "envelope_problem", "keep_garbage"]
+__all__ = [
+    "FeedfanConsumer",
+    "GuardedRedisTransport",
+    "envelope_problem",
+    "keep_garbage",
+    "read_envelope",
+]
 
 logger = logging.getLogger("feedfan.celery")
 
@@ -173,18 +179,27 @@ class FeedfanConsumer(Consumer):  # type: ignore[misc]
 
 def envelope_problem(item: bytes | str) -> str | None:
     """Why kombu's Redis transport could not read ``item`` as a message, or ``None``."""
+    return read_envelope(item)[1]
+
+
+def read_envelope(item: bytes | str) -> tuple[Any, str | None]:
+    """``item`` decoded as kombu decodes it, and :func:`envelope_problem`'s verdict on it."""
     if isinstance(item, bytes):
         try:
             item = item.decode("utf-8")
         except UnicodeDecodeError:
-            return "not a kombu message: not UTF-8 text (is it pickled?)."
+            return None, "not a kombu message: not UTF-8 text (is it pickled?)."
     try:
         payload = _kombu_loads(item)
     except ValueError as e:
-        return f"not a kombu message: not JSON ({e})."
+        return None, f"not a kombu message: not JSON ({e})."
     except RecursionError:
         # Raised out of BRPOP's reply, it would stop the worker like any other error.
-        return "not a kombu message: JSON nested too deeply to read."
+        return None, "not a kombu message: JSON nested too deeply to read."
+    return payload, _payload_problem(payload)
+
+
+def _payload_problem(payload: Any) -> str | None:
     if not isinstance(payload, dict):
         return f"not a kombu message: a JSON {type(payload).__name__}, not an object."
     properties = payload.get("properties")
@@ -363,7 +378,7 @@ class GuardedRedisChannel(kombu_redis.Channel):
         queue = taking[int(number) - 1]
         tag = recorded[0].decode() if recorded else None
         channel._queue_cycle.rotate(queue)
-        problem = envelope_problem(item)
+        payload, problem = read_envelope(item)
         if problem is not None:
             _keep_unreadable(queue, item, problem)
             if tag is not None:
@@ -371,7 +386,7 @@ class GuardedRedisChannel(kombu_redis.Channel):
             raise Empty()
         self.taken_tag = tag
         try:
-            channel.connection._deliver(_kombu_loads(item.decode()), queue)
+            channel.connection._deliver(payload, queue)
         finally:
             # A consumer that does not acknowledge leaves the record unused.
             unused, self.taken_tag = self.taken_tag, None
