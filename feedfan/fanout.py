@@ -20,6 +20,7 @@ __all__ = [
     "check_registered",
     "group_followers",
     "plan_chunks",
+    "plan_group",
     "run_chunk",
 ]
 
@@ -94,29 +95,56 @@ def plan_chunks(
     ``(fanout_id, priority, index)``, so planning the same fanout twice gives
     the same tasks.
     """
+    for priority in _PRIORITY_ORDER:
+        yield from plan_group(
+            op=op,
+            feeds=feeds,
+            entries=entries,
+            priority=priority,
+            followers=followers.get(priority, ()),
+            chunk_size=chunk_size,
+            fanout_id=fanout_id,
+        )
+
+
+def plan_group(
+    *,
+    op: Operation,
+    feeds: Sequence[str],
+    entries: Sequence[tuple[str, int]],
+    priority: FanoutPriority,
+    followers: Iterable[ObjectId],
+    chunk_size: int,
+    fanout_id: str,
+    first_index: int = 0,
+) -> Iterator[ChunkTask]:
+    """Cut one priority group into chunk tasks, numbered from ``first_index``.
+
+    ``followers`` starts at follower ``first_index x chunk_size`` of the group
+    when a planning page resumes it (see :meth:`Manager.plan_in_worker`).
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     feed_names = tuple(feeds)
     frozen_entries = tuple(entries)
-    for priority in _PRIORITY_ORDER:
-        ids = iter(followers.get(priority, ()))
-        index = 0
-        while True:
-            batch = tuple(islice(ids, chunk_size))
-            if not batch:
-                break
-            for follower in batch:
-                check_object_id(f"follower id of priority {priority.name}", follower)
-            yield ChunkTask(
-                op=op,
-                feeds=feed_names,
-                entries=frozen_entries,
-                followers=batch,
-                fanout_id=fanout_id,
-                priority=priority,
-                index=index,
-            )
-            index += 1
+    ids = iter(followers)
+    index = first_index
+    while True:
+        batch = tuple(islice(ids, chunk_size))
+        if not batch:
+            break
+        for follower in batch:
+            check_object_id(f"follower id of priority {priority.name}", follower)
+        yield ChunkTask(
+            op=op,
+            feeds=feed_names,
+            entries=frozen_entries,
+            followers=batch,
+            fanout_id=fanout_id,
+            priority=priority,
+            index=index,
+        )
+        index += 1
 
 
 def check_registered(names: Sequence[str], feed_classes: Mapping[str, type[Feed]]) -> None:
