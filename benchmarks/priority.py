@@ -67,13 +67,23 @@ def _held(pool: WorkerPool, manager: Manager) -> Iterator[None]:
                 resume()
 
 
-def _pending_writes(manager: Manager, receipts: list[FanoutReceipt], chunk_size: int) -> int:
-    """LOW feed writes still waiting: pending chunks times the chunk size (an upper bound)."""
+def _pending_writes(
+    manager: Manager, receipts: list[FanoutReceipt], chunk_size: int, followers: int
+) -> int:
+    """LOW feed writes still waiting: pending chunks times the chunk size (an upper bound).
+
+    A fanout still being planned by workers has no total yet: its chunks are
+    counted from its ``followers``.
+    """
+    expected = -(-followers // chunk_size)
     pending = 0
     for receipt in receipts:
         status = manager.fanout_status(receipt)
-        if status is not None:
-            pending += status.pending
+        if status is None:
+            pending += expected
+        else:
+            total = status.total if status.total is not None else expected
+            pending += max(total - status.done - status.failed, 0)
     return pending * chunk_size * len(manager.registered_feeds)
 
 
@@ -126,7 +136,7 @@ def _layout(backend: Backend, run: Run, name: str, chunk_size: int) -> dict[str,
         for repeat in range(plan.priority_repeats):
             with _held(pool, manager):
                 enqueue_s = _enqueue_backlog(manager, run, f"load{name}{repeat}", receipts)
-                queued = _pending_writes(manager, receipts, chunk_size)
+                queued = _pending_writes(manager, receipts, chunk_size, plan.backlog_fanout)
             result = measure_fanout(
                 manager,
                 tag=f"busy{name}{repeat}",
@@ -138,7 +148,9 @@ def _layout(backend: Backend, run: Run, name: str, chunk_size: int) -> dict[str,
             entry = result.as_dict()
             entry["backlog_enqueue_s"] = round(enqueue_s, 3)
             entry["low_writes_queued_at_send"] = queued
-            entry["low_writes_waiting_at_done"] = _pending_writes(manager, receipts, chunk_size)
+            entry["low_writes_waiting_at_done"] = _pending_writes(
+                manager, receipts, chunk_size, plan.backlog_fanout
+            )
             section["loaded"].append(entry)
         _summarize(section)
     except Exception as e:
