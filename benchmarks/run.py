@@ -45,8 +45,8 @@ class Plan:
     planning: str | None = "inline"
     """``planning`` setting of the producers; ``None`` keeps the configured one (auto).
 
-    Inline by default: with background planning each LOW backlog fanout is a planning
-    task on the HIGH queue, and the priority step would time planning, not chunks."""
+    Inline by default, so the sweep and the priority step time chunks alone: with
+    background planning the LOW backlog is fanouts still to be planned by workers."""
     timeout: float = 0.0
     """Seconds one fanout may take; 0 derives it from the follower count."""
 

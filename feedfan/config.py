@@ -191,6 +191,12 @@ _SPECS: dict[str, _Spec] = {
         "With planning=auto, follower count from which planning moves to a worker "
         "(inline planning passes 50 ms from about 17,000 followers; see docs/operations.md).",
     ),
+    "planning_page": _Spec(
+        20,
+        _positive(1, 100_000),
+        "Chunk tasks one background planning task sends before the next page, a task of "
+        "its own, goes on: planning holds a worker about as long as a chunk does.",
+    ),
     "status_ttl": _Spec(
         7 * 86_400, _positive(60, 365 * 86_400), "Seconds fanout progress is kept in Redis."
     ),
@@ -228,6 +234,7 @@ class Settings:
     max_retries: int = 3
     planning: str = "auto"
     planning_threshold: int = 10_000
+    planning_page: int = 20
     status_ttl: int = 7 * 86_400
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

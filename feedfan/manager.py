@@ -17,10 +17,12 @@ Which job queue runs the fanout is configuration (``dispatcher``), not code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
 from typing import Any, ClassVar
 
 from feedfan.activity import ACTIVITY_ID_PATTERN, Activity, ObjectId, check_object_id
@@ -40,6 +42,7 @@ from feedfan.fanout import (
     describe_fanout,
     group_followers,
     plan_chunks,
+    plan_group,
     run_chunk,
 )
 from feedfan.feeds import Feed, TimelineFeed, UserFeed
@@ -63,6 +66,21 @@ def _entry_bytes(entry: tuple[str, int]) -> int:
 _FOLLOW_ENTRIES_PER_TASK = 1000
 _IN_MEMORY = (list, tuple, set, frozenset, range)
 """Follower groups whose length costs nothing to take."""
+
+
+class _PageCut(DispatchError):
+    """The queue failed after a planning page's next page was sent: planning goes on there."""
+
+
+def _may_hold_ids(ids: Iterable[ObjectId] | None) -> bool:
+    """Whether a follower group may hold ids: not absent, nor known empty without reading it.
+
+    A sequence's length is cheap; a database query's (a Django ``QuerySet`` is
+    no :class:`~collections.abc.Sequence`) would load every row, so it is not asked.
+    """
+    if ids is None:
+        return False
+    return not (isinstance(ids, (*_IN_MEMORY, Sequence)) and len(ids) == 0)
 
 
 def _build_storage(settings: Settings) -> Storage:
@@ -292,14 +310,15 @@ class Manager:
         feeds = tuple(self.registered_feeds)
         activity_ids = [activity_id for activity_id, _ in entries]
         fanout_id = make_fanout_id(op, user_id, activity_ids, feeds)
-        if self._plans_in_background(user_id):
+        first = self._background_start(user_id)
+        if first is not None:
             plan = PlanTask(
                 op,
                 feeds,
                 tuple(entries),
                 user_id,
                 fanout_id,
-                FanoutPriority.HIGH,
+                first,
                 self.settings.fanout_chunk_size,
             )
             self.storage.begin_fanout(fanout_id, describe_fanout(op, user_id, activity_ids))
@@ -309,14 +328,25 @@ class Manager:
             )
         return self._plan_and_send(op, user_id, feeds, entries, fanout_id)
 
-    def _plans_in_background(self, user_id: ObjectId) -> bool:
+    def _background_start(self, user_id: ObjectId) -> FanoutPriority | None:
+        """The group whose planning task a background fanout starts with; ``None``: inline.
+
+        HIGH, unless ``auto`` finds the HIGH group empty in memory: then the
+        first planning task goes to the LOW queue, and nothing of a fanout
+        to LOW followers only waits in the HIGH queue.
+        """
         mode = self.settings.planning
         if mode == "inline" or self.dispatcher.runs_in_process:
-            return False
+            return None
         if mode == "background":
-            return True
+            return FanoutPriority.HIGH
         count = self.get_user_follower_count(user_id)
-        return count is not None and count >= self.settings.planning_threshold
+        if count is None or count < self.settings.planning_threshold:
+            return None
+        groups = group_followers(self.get_user_follower_ids(user_id))
+        if not _may_hold_ids(groups.get(FanoutPriority.HIGH)):
+            return FanoutPriority.LOW
+        return FanoutPriority.HIGH
 
     def _plan_and_send(
         self,
@@ -383,11 +413,20 @@ class Manager:
     def plan_in_worker(self, task: PlanTask) -> FanoutReceipt:
         """Run a planning task: read the followers here and send the chunk tasks.
 
+        A task plans one page (see :class:`~feedfan.task.PlanTask`): at most
+        ``planning_page`` chunk tasks of its group, sent in one batch behind
+        the task for the next page, so the next page is planned by another
+        worker while these chunks wait. A group that is not a sequence (a
+        generator, a database cursor) cannot be resumed in another task: the
+        task that starts it plans it to its end.
+
         A chunk over a limit (``max_task_bytes``) is never sent: planning
         stops there, the fanout settles with its planning counted as failed,
         and a :class:`~feedfan.errors.PayloadError` tells the worker to keep
         the planning task without retrying it (it would stop at the same place).
         """
+        if task.paged:
+            return self._plan_page(task)
         try:
             return self._plan_and_send(
                 task.op,
@@ -409,6 +448,128 @@ class Manager:
         except Exception as e:  # get_user_follower_ids failed before any chunk was sent
             self._end_failed_planning(task.fanout_id, 0, f"planning failed: {e!r}")
             raise
+
+    def _plan_page(self, task: PlanTask) -> FanoutReceipt:
+        fanout_id = task.fanout_id
+        activity_ids = tuple(activity_id for activity_id, _ in task.entries)
+        receipt = FanoutReceipt(fanout_id, activity_ids, 0, 0, 0, 0, planned_in_background=True)
+        status = self.storage.fanout_status(fanout_id)
+        if status is not None and status.total is not None:
+            if status.complete:  # delivered again after the whole fanout was written
+                return receipt
+            # A retry after a failure that settled the fanout: open it again.
+            self.storage.begin_fanout(
+                fanout_id, describe_fanout(task.op, task.user_id, list(activity_ids))
+            )
+        if status is not None and status.failed:
+            self.storage.clear_chunk_failure(fanout_id, PLAN_CHUNK)
+        sent_before = task.before + task.start  # chunk tasks earlier pages sent
+        try:
+            groups = group_followers(self.get_user_follower_ids(task.user_id))
+        except FeedfanError:
+            raise
+        except Exception as e:
+            self._end_failed_planning(fanout_id, sent_before, f"planning failed: {e!r}")
+            raise
+        ids = groups.get(task.priority, ())
+        chunk_size = min(task.chunk_size, self.settings.max_chunk_size)
+        first = task.start * chunk_size
+
+        def cut(followers: Iterable[ObjectId]) -> Iterator[ChunkTask]:
+            return plan_group(
+                op=task.op,
+                feeds=task.feeds,
+                entries=task.entries,
+                priority=task.priority,
+                followers=followers,
+                chunk_size=chunk_size,
+                fanout_id=fanout_id,
+                first_index=task.start,
+            )
+
+        def low_group(planned: int) -> PlanTask | None:
+            """The first page of the LOW group, once this HIGH group has ``planned`` chunks."""
+            if task.priority is FanoutPriority.LOW or not _may_hold_ids(
+                groups.get(FanoutPriority.LOW)
+            ):
+                return None
+            return dataclasses.replace(
+                task, priority=FanoutPriority.LOW, start=0, before=sent_before + planned
+            )
+
+        after: PlanTask | None
+        count = followers = 0
+        try:
+            if isinstance(ids, Sequence):
+                end = first + self.settings.planning_page * chunk_size
+                chunks = list(cut(ids[first:end]))
+                count, followers = len(chunks), sum(len(c.followers) for c in chunks)
+                if len(ids) > end:
+                    after = dataclasses.replace(task, start=task.start + count)
+                else:
+                    after = low_group(count)
+                self._send_page(task, chunks, after)
+            else:  # a stream: the rest of the group, here, then the LOW group's first page
+
+                def stream() -> Iterator[ChunkTask | PlanTask]:
+                    nonlocal count, followers
+                    for chunk in cut(islice(ids, first, None)):
+                        count += 1
+                        followers += len(chunk.followers)
+                        yield chunk
+                    low = low_group(count)
+                    if low is not None:
+                        yield low
+
+                self.dispatcher.enqueue_many(stream())
+                after = low_group(count)
+        except LimitExceededError as e:
+            self._end_failed_planning(fanout_id, sent_before + e.accepted, f"stopped: {e}")
+            raise PayloadError(f"planning of fanout {fanout_id} stopped: {e}") from e
+        except _PageCut:
+            raise
+        except DispatchError as e:
+            # Nothing after the failure was sent, the next page neither: the planning counts
+            # as failed, so the fanout settles if this was its last try (a retry opens it).
+            self._end_failed_planning(fanout_id, sent_before + e.accepted, f"planning failed: {e}")
+            raise
+        if after is None:
+            self.storage.end_planning(fanout_id, sent_before + count)
+        high = task.priority is FanoutPriority.HIGH
+        return dataclasses.replace(
+            receipt,
+            chunks=count,
+            high_chunks=count if high else 0,
+            low_chunks=0 if high else count,
+            followers=followers,
+        )
+
+    def _send_page(self, task: PlanTask, chunks: list[ChunkTask], after: PlanTask | None) -> None:
+        """Send a page's chunk tasks, behind the task of the page ``after`` it if there is one.
+
+        A chunk over ``max_task_bytes`` stops planning: the chunks before it
+        go, the next page does not. If the queue fails once the next page is
+        in it, planning goes on there, and this page's chunks not sent are
+        counted failed, each under its own key (written, they count done).
+        """
+        for index, chunk in enumerate(chunks):
+            try:
+                self.dispatcher.encode(chunk)
+            except LimitExceededError as e:
+                sent = self.dispatcher.enqueue_many(chunks[:index])
+                raise LimitExceededError(str(e), accepted=sent) from e
+        if after is None:
+            self.dispatcher.enqueue_many(chunks)
+            return
+        try:
+            self.dispatcher.enqueue_many([after, *chunks])
+        except DispatchError as e:
+            if e.accepted == 0:
+                raise
+            reason = f"not sent while planning: {e}"
+            for chunk in chunks[e.accepted - 1 :]:
+                self.storage.mark_chunk_failed(task.fanout_id, chunk.chunk_key, reason)
+            raise _PageCut(str(e), accepted=e.accepted - 1) from e
 
     # Follows ------------------------------------------------------------------
 

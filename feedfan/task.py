@@ -108,7 +108,16 @@ class ChunkTask:
 
 @dataclass(frozen=True)
 class PlanTask:
-    """Read ``user_id``'s followers in a worker and enqueue the chunk tasks."""
+    """Read ``user_id``'s followers in a worker and enqueue the chunk tasks.
+
+    A planning task plans one page: the followers of its own ``priority``
+    group from chunk ``start`` on, at most ``planning_page`` chunk tasks (the
+    worker's setting), sent behind the task of the next page, or of the LOW
+    group's first page once the HIGH group is cut; each goes to the queue of
+    the group it plans. ``before`` counts the chunk tasks of the HIGH group
+    when the LOW group is planned, so the last page can record the fanout's
+    total.
+    """
 
     op: Operation
     feeds: tuple[str, ...]
@@ -118,33 +127,45 @@ class PlanTask:
     priority: FanoutPriority
     chunk_size: int = 100
     """Followers per chunk task, as the producer's ``fanout_chunk_size`` said."""
+    start: int = 0
+    """Index of the first chunk of the ``priority`` group this page plans."""
+    before: int = 0
+    """Chunk tasks planned for the groups before this one (HIGH, when planning LOW)."""
+    paged: bool = True
+    """False for a message without ``from`` and ``base`` (feedfan before planning pages):
+    it plans every group in one task."""
 
     @property
     def task_id(self) -> str:
-        """Deterministic task id of the planning task."""
-        return f"feedfan-{self.fanout_id}-plan"
+        """Deterministic task id of the planning task (one per page)."""
+        if not self.paged:
+            return f"feedfan-{self.fanout_id}-plan"
+        return f"feedfan-{self.fanout_id}-plan-{self.priority.value}-{self.start}"
 
     def to_json(self) -> str:
         """Encode for the wire."""
-        return _dumps(
-            {
-                "v": CODEC_VERSION,
-                "kind": "plan",
-                "op": self.op,
-                "feeds": list(self.feeds),
-                "acts": [list(entry) for entry in self.entries],
-                "user": self.user_id,
-                "fanout": self.fanout_id,
-                "prio": self.priority.value,
-                "size": self.chunk_size,
-            }
-        )
+        body: dict[str, Any] = {
+            "v": CODEC_VERSION,
+            "kind": "plan",
+            "op": self.op,
+            "feeds": list(self.feeds),
+            "acts": [list(entry) for entry in self.entries],
+            "user": self.user_id,
+            "fanout": self.fanout_id,
+            "prio": self.priority.value,
+            "size": self.chunk_size,
+        }
+        if self.paged:
+            body["from"] = self.start
+            body["base"] = self.before
+        return _dumps(body)
 
 
 Task = Union[ChunkTask, PlanTask]  # noqa: UP007 - a runtime alias, usable on 3.10
 
 _CHUNK_KEYS = frozenset({"v", "kind", "op", "feeds", "acts", "to", "fanout", "prio", "idx"})
 _PLAN_KEYS = frozenset({"v", "kind", "op", "feeds", "acts", "user", "fanout", "prio", "size"})
+_PAGED_PLAN_KEYS = _PLAN_KEYS | {"from", "base"}
 
 
 def _list(body: dict[str, Any], key: str, limit: int) -> list[Any]:
@@ -199,6 +220,13 @@ def _entries(body: dict[str, Any], op: str) -> tuple[tuple[str, int], ...]:
     return tuple(entries)
 
 
+def _count(body: dict[str, Any], key: str, what: str) -> int:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise PayloadError(f"{what} {_short(value)} must be an int from 0 to 2**31.")
+    return value
+
+
 def decode_task(raw: str | bytes, *, max_bytes: int = 1_048_576) -> Task:
     """Decode and check a task from the wire; raise :class:`PayloadError` saying why not.
 
@@ -240,6 +268,8 @@ def decode_task(raw: str | bytes, *, max_bytes: int = 1_048_576) -> Task:
     if expected is None:
         raise PayloadError(f"task kind {_short(kind)} is unknown; expected 'chunk' or 'plan'.")
     keys = set(body)
+    if kind == "plan" and keys & {"from", "base"}:
+        expected = _PAGED_PLAN_KEYS  # a planning page; without both, a whole plan (older feedfan)
     if keys != expected:
         problems = []
         if expected - keys:
@@ -266,10 +296,11 @@ def decode_task(raw: str | bytes, *, max_bytes: int = 1_048_576) -> Task:
             raise PayloadError(
                 f"plan task chunk size {_short(size)} must be an int from 1 to {_MAX_FOLLOWERS:,}."
             )
-        return PlanTask(op, feeds, entries, user_id, fanout_id, priority, size)
-    index = body["idx"]
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**31:
-        raise PayloadError(f"task index {_short(index)} must be an int from 0 to 2**31.")
+        if keys == _PLAN_KEYS:
+            return PlanTask(op, feeds, entries, user_id, fanout_id, priority, size, paged=False)
+        start, before = (_count(body, key, f"plan task field {key!r}") for key in ("from", "base"))
+        return PlanTask(op, feeds, entries, user_id, fanout_id, priority, size, start, before)
+    index = _count(body, "idx", "task index")
     followers = tuple(
         check_object_id("task field 'to' item", item, error=PayloadError)
         for item in _list(body, "to", _MAX_FOLLOWERS)

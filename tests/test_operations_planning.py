@@ -92,6 +92,43 @@ def test_auto_planning_moves_to_a_worker_from_the_threshold(harness: Harness) ->
     assert everyone_has(manager, small, pin(small)) and everyone_has(manager, large, pin(large))
 
 
+def test_a_large_fanout_is_planned_in_pages_each_on_the_queue_of_its_group(
+    harness: Harness,
+) -> None:
+    # Given chunks of 2 followers and planning tasks of one chunk task each
+    settings = harness.settings(planning="background", fanout_chunk_size=2, planning_page=1)
+    manager = harness.manager(settings)
+    user = make_user(namespace(), 5, 7)
+    activity = pin(user)
+    # When the user posts and a worker plans, one page after another
+    receipt = manager.add_user_activity(user, activity)
+    harness.start_worker(settings)
+    status = settle(harness, manager, receipt)
+    # Then every follower has the activity: 3 HIGH and 4 LOW chunks, planned by 7 tasks
+    assert (status.total, status.done, status.failed) == (7, 7, 0)
+    assert everyone_has(manager, user, activity)
+
+
+def test_auto_plans_a_fanout_to_low_followers_only_from_the_low_queue(harness: Harness) -> None:
+    # Given planning=auto from 10 followers, and a user whose 12 followers are all LOW
+    manager = harness.manager(harness.settings(planning="auto", planning_threshold=10))
+    user = make_user(namespace(), 0, 12)
+    activity = pin(user)
+    # When the user posts, with no worker running yet
+    receipt = manager.add_user_activity(user, activity)
+    # Then the planning task waits in the LOW queue, not ahead of active users' chunks
+    assert receipt.planned_in_background
+    wait_for(
+        lambda: _depths(harness, manager) == (0, 1),
+        timeout=20,
+        message=f"queue depths are {_depths(harness, manager)}; expected one LOW task",
+    )
+    harness.start_worker(manager.settings)
+    status = settle(harness, manager, receipt)
+    assert status.done == status.total == -(-12 // manager.settings.fanout_chunk_size)
+    assert everyone_has(manager, user, activity)
+
+
 _WORKER_APP = """
     from feedfan.priority import FanoutPriority
     from feedfan.testing.managers import ConformanceManager

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import overload
 
 from feedfan.activity import ObjectId
 from feedfan.feeds import Feed, TimelineFeed, UserFeed
@@ -54,6 +55,33 @@ def follower_ids(user_id: ObjectId, priority: FanoutPriority) -> Iterator[str]:
     return (f"{namespace}:{letter}{i}" for i in range(count))
 
 
+class _Followers(Sequence[str]):
+    """The followers of a conformance user of one priority, as a sequence built on demand.
+
+    A sequence, as a list of ids would be, so background planning pages through it.
+    """
+
+    def __init__(self, user_id: ObjectId, priority: FanoutPriority) -> None:
+        namespace, high, low = str(user_id).rsplit(":", 2)
+        self._prefix = f"{namespace}:{'h' if priority is FanoutPriority.HIGH else 'l'}"
+        self._count = int(high) if priority is FanoutPriority.HIGH else int(low)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [f"{self._prefix}{i}" for i in range(self._count)[index]]
+        return f"{self._prefix}{range(self._count)[index]}"
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"{self._prefix}{i}" for i in range(self._count))
+
+
 def _started_key(storage: RedisStorage) -> str:
     return f"{storage.key_prefix}conformance:started"
 
@@ -72,7 +100,7 @@ class ConformanceManager(Manager):
 
     def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, Iterable[ObjectId]]:
         """Followers derived from the user id; see :func:`make_user`."""
-        return {p: follower_ids(user_id, p) for p in FanoutPriority}
+        return {p: _Followers(user_id, p) for p in FanoutPriority}
 
     def get_user_follower_count(self, user_id: ObjectId) -> int:
         """The follower count, read from the user id."""

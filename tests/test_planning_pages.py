@@ -1,0 +1,335 @@
+"""Background planning in pages: each planning task sends a few chunk tasks, then passes on.
+
+A worker that plans a large fanout in one task holds its slot for seconds, and
+a HIGH fanout queued behind it waits that long. Here every planning task sends
+at most ``planning_page`` chunk tasks of one priority group, then the task for
+the next page, which goes to the queue of the group it plans.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from feedfan.activity import Activity, ObjectId
+from feedfan.dispatch import TaskDispatcher
+from feedfan.errors import DispatchError, PayloadError
+from feedfan.manager import Manager
+from feedfan.priority import FanoutPriority
+from feedfan.storage.memory import MemoryStorage
+from feedfan.task import ChunkTask, PlanTask, Task, decode_task
+
+HIGH, LOW = FanoutPriority.HIGH, FanoutPriority.LOW
+
+
+class _Queue(TaskDispatcher):
+    """The producer side of a queue, kept in a list; nothing runs until a test says so."""
+
+    name = "listed"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[Task] = []
+        self.batches: list[list[Task]] = []  # what each call sent, in order
+        self.fail_at: int | None = None  # the task, counted from 1 over all calls, that fails
+
+    def publish_many(self, items: Any) -> None:
+        self.batches.append([])
+        super().publish_many(items)
+
+    def enqueue(self, task: Task) -> None:
+        self.batches.append([])
+        super().enqueue(task)
+
+    def publish(self, task: Task, body: str) -> None:
+        if self.fail_at is not None and len(self.sent) + 1 == self.fail_at:
+            self.fail_at = None
+            raise DispatchError("broker went away", accepted=0)
+        # What a worker would read: the task as decoded from its JSON
+        self.sent.append(decode_task(body))
+        self.batches[-1].append(self.sent[-1])
+
+
+class _Stream:
+    """Followers from a database cursor: iterable once per call, not a sequence."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+
+class _Followers(Manager):
+    groups: dict[FanoutPriority, Any] = {}
+
+    def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, Any]:
+        return self.groups
+
+    def get_user_follower_count(self, user_id: ObjectId) -> int | None:
+        return 10**6
+
+
+def _manager(groups: dict[FanoutPriority, Any], **settings: Any) -> tuple[Manager, _Queue]:
+    manager = _Followers(dispatcher="eager", storage=MemoryStorage(), **settings)
+    manager.groups = groups
+    queue = _Queue(manager.settings, runner=manager.runner)
+    manager.dispatcher = queue
+    return manager, queue
+
+
+def _work(
+    manager: Manager, queue: _Queue, ran: tuple[PlanTask, ...] = ()
+) -> tuple[list[PlanTask], list[ChunkTask]]:
+    """Run the planning tasks sent, oldest first, but those in ``ran``, until none is left.
+
+    Tasks are told apart by identity: a page sent twice is two messages.
+    """
+    plans = list(ran)
+    while True:
+        seen = {id(plan) for plan in plans}
+        waiting = [t for t in queue.sent if isinstance(t, PlanTask) and id(t) not in seen]
+        if not waiting:
+            return plans, [t for t in queue.sent if isinstance(t, ChunkTask)]
+        plans.append(waiting[0])
+        manager.plan_in_worker(waiting[0])
+
+
+def _pin() -> Activity:
+    return Activity(actor="author", verb="pin", object="p1")
+
+
+def test_a_large_fanout_is_planned_a_page_at_a_time_each_page_on_its_groups_queue() -> None:
+    # Given 45 HIGH and 30 LOW followers in lists, chunks of 10, pages of 2 chunk tasks
+    high = [f"h{i}" for i in range(45)]
+    low = [f"l{i}" for i in range(30)]
+    manager, queue = _manager(
+        {HIGH: high, LOW: low}, planning="background", fanout_chunk_size=10, planning_page=2
+    )
+    # When the author posts, only the first planning task is sent, for HIGH
+    receipt = manager.add_user_activity("author", _pin())
+    assert receipt.planned_in_background
+    assert [(t.priority, t.start) for t in queue.sent] == [(HIGH, 0)]
+    # And as the planning tasks run, the total is unknown until the last one
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    manager.plan_in_worker(first)
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.total is None
+    plans, chunks = _work(manager, queue, ran=(first,))
+    # Then each planning task sent at most 2 chunk tasks in one batch, behind the next page
+    assert [(p.priority, p.start, p.before) for p in plans] == [
+        (HIGH, 0, 0),
+        (HIGH, 2, 0),
+        (HIGH, 4, 0),
+        (LOW, 0, 5),
+        (LOW, 2, 5),
+    ]
+    shapes = [[type(t).__name__[0] + t.priority.value[0] for t in b] for b in queue.batches]
+    assert shapes == [
+        ["Ph"],  # the producer's one task
+        ["Ph", "Ch", "Ch"],
+        ["Ph", "Ch", "Ch"],
+        ["Pl", "Ch"],  # the last HIGH page passes on to the LOW group
+        ["Pl", "Cl", "Cl"],
+        ["Cl"],  # the last page sends no planning task
+    ]
+    # And every follower is in exactly one chunk, numbered 0.. in each group
+    assert [c.index for c in chunks if c.priority is HIGH] == [0, 1, 2, 3, 4]
+    assert [c.index for c in chunks if c.priority is LOW] == [0, 1, 2]
+    assert [f for c in chunks if c.priority is HIGH for f in c.followers] == high
+    assert [f for c in chunks if c.priority is LOW for f in c.followers] == low
+    # And the last page recorded the fanout's total
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.total == 8
+
+
+def test_a_group_that_is_not_a_sequence_is_planned_to_its_end_by_one_task() -> None:
+    # Given HIGH followers streamed from a cursor, which cannot be resumed in another task
+    manager, queue = _manager(
+        {HIGH: _Stream([f"h{i}" for i in range(45)]), LOW: [f"l{i}" for i in range(30)]},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=2,
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    plans, chunks = _work(manager, queue)
+    # Then one task planned the whole HIGH group; the LOW list is paged as usual
+    assert [(p.priority, p.start) for p in plans] == [(HIGH, 0), (LOW, 0), (LOW, 2)]
+    assert len(chunks) == 8
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.total == 8
+
+
+def test_auto_sends_the_first_planning_task_to_low_when_no_follower_is_high() -> None:
+    # Given an account over the threshold whose followers are all LOW, held in memory
+    manager, queue = _manager(
+        {HIGH: [], LOW: range(50)}, planning="auto", planning_threshold=10, fanout_chunk_size=10
+    )
+    manager.add_user_activity("author", _pin())
+    # Then nothing of its fanout waits in the HIGH queue
+    assert [(t.priority, t.start) for t in queue.sent] == [(LOW, 0)]
+    _, chunks = _work(manager, queue)
+    assert {c.priority for c in chunks} == {LOW} and len(chunks) == 5
+
+
+def _run_chunks(manager: Manager, queue: _Queue) -> None:
+    for chunk in queue.sent:
+        if isinstance(chunk, ChunkTask):
+            manager.runner.run(chunk)
+
+
+def test_a_page_the_queue_refuses_settles_the_fanout_and_its_retry_reopens_it() -> None:
+    # Given pages of 2 chunk tasks of 10 followers, 60 followers, the first page planned
+    manager, queue = _manager(
+        {HIGH: [f"h{i}" for i in range(60)]},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=2,
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    manager.plan_in_worker(first)
+    second = queue.batches[-1][0]
+    assert isinstance(second, PlanTask) and second.start == 2
+    # When the queue takes nothing of the second page's batch
+    queue.fail_at = len(queue.sent) + 1
+    with pytest.raises(DispatchError):
+        manager.plan_in_worker(second)
+    _run_chunks(manager, queue)
+    # Then the fanout settles: the 2 chunks sent, and its planning counted as failed
+    status = manager.fanout_status(receipt)
+    assert status is not None
+    assert (status.total, status.done, status.failed, status.settled) == (3, 2, 1, True)
+    # And when the page is tried again, the fanout is open until its last page
+    manager.plan_in_worker(second)
+    status = manager.fanout_status(receipt)
+    assert status is not None and (status.total, status.failed) == (None, 0)
+    _work(manager, queue, ran=(first, second))
+    _run_chunks(manager, queue)
+    status = manager.fanout_status(receipt)
+    assert status is not None and (status.total, status.done, status.failed) == (6, 6, 0)
+
+
+def test_chunks_the_queue_refuses_after_the_next_page_count_failed_until_a_retry() -> None:
+    # Given pages of 3 chunk tasks of 10 followers, 60 followers, the first page planned
+    manager, queue = _manager(
+        {HIGH: [f"h{i}" for i in range(60)]},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=3,
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    # When the queue takes the next page and the first chunk, then fails
+    queue.fail_at = len(queue.sent) + 3
+    with pytest.raises(DispatchError):
+        manager.plan_in_worker(first)
+    assert [type(t).__name__ for t in queue.batches[-1]] == ["PlanTask", "ChunkTask"]
+    # Then planning goes on from the next page, and the 2 chunks not sent count failed
+    plans, _ = _work(manager, queue, ran=(first,))
+    _run_chunks(manager, queue)
+    status = manager.fanout_status(receipt)
+    assert status is not None
+    assert (status.total, status.done, status.failed, status.settled) == (6, 4, 2, True)
+    # And a retry of the page sends them and the next page again (a second, harmless run of
+    # the pages after it): every chunk done, nothing failed
+    manager.plan_in_worker(first)
+    _work(manager, queue, ran=tuple(plans))
+    _run_chunks(manager, queue)
+    status = manager.fanout_status(receipt)
+    assert status is not None and (status.total, status.done, status.failed) == (6, 6, 0)
+
+
+def test_a_page_delivered_again_after_the_fanout_completed_sends_nothing() -> None:
+    manager, queue = _manager(
+        {HIGH: [f"h{i}" for i in range(30)]},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=1,
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    plans, chunks = _work(manager, queue)
+    for chunk in chunks:
+        manager.runner.run(chunk)
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.complete and status.total == 3
+    sent = len(queue.sent)
+    # When a broker delivers the second page again
+    again = manager.plan_in_worker(plans[1])
+    # Then nothing is sent and the fanout stays complete
+    assert again.chunks == 0 and len(queue.sent) == sent
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.complete and status.total == 3
+
+
+def test_planning_tasks_round_trip_and_older_whole_plans_still_run() -> None:
+    page = PlanTask("add", ("timeline",), (), 7, "0" * 24, LOW, 100, start=3, before=12)
+    body = json.loads(page.to_json())
+    assert (body["from"], body["base"]) == (3, 12)
+    assert page.task_id == f"feedfan-{'0' * 24}-plan-low-3"
+    # A planning task from feedfan before pages (no "from", no "base") plans every group
+    del body["from"], body["base"]
+    body["acts"] = [["1700000000000000abcdef0123", 1700000000000000]]
+    old = decode_task(json.dumps(body))
+    assert isinstance(old, PlanTask) and not old.paged
+    assert old.task_id == f"feedfan-{'0' * 24}-plan"
+    manager, queue = _manager(
+        {HIGH: [f"h{i}" for i in range(25)], LOW: _Stream([f"l{i}" for i in range(15)])},
+        fanout_chunk_size=10,
+        planning_page=1,
+    )
+    manager.plan_in_worker(old)
+    assert [(type(t).__name__, t.priority) for t in queue.sent] == [
+        ("ChunkTask", HIGH),
+        ("ChunkTask", LOW),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("from", -1), ("base", "3"), ("from", True), ("base", 2**31)]
+)
+def test_a_planning_page_with_a_bad_position_is_refused_naming_the_field(
+    field: str, value: object
+) -> None:
+    page = PlanTask("add", ("timeline",), (), 7, "0" * 24, LOW, 100, start=3, before=12)
+    body = json.loads(page.to_json())
+    body["acts"] = [["1700000000000000abcdef0123", 1700000000000000]]
+    body[field] = value
+    with pytest.raises(PayloadError, match=f"plan task field '{field}' .* must be an int"):
+        decode_task(json.dumps(body))
+    # And a page missing one of the two is refused, not taken for an older whole plan
+    del body[field]
+    with pytest.raises(PayloadError, match=f"lacks \\['{field}'\\]"):
+        decode_task(json.dumps(body))
+
+
+def test_a_chunk_over_the_task_limit_stops_planning_at_it_and_no_next_page_is_sent() -> None:
+    # Given a page of 3 chunks whose second holds ids too long for a 2 KiB task
+    ids = [f"h{i}" for i in range(10)] + [f"h{i}-{'x' * 200}" for i in range(10)]
+    manager, queue = _manager(
+        {HIGH: ids + [f"h{i}" for i in range(20, 40)]},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=3,
+        max_task_bytes=2048,
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    # When a worker plans the page, the worker is told to keep the task and not retry it
+    with pytest.raises(PayloadError, match="max_task_bytes"):
+        manager.plan_in_worker(first)
+    # Then only the chunk before it went, without a next page, and the fanout settles
+    assert [(type(t).__name__, getattr(t, "index", None)) for t in queue.batches[-1]] == [
+        ("ChunkTask", 0)
+    ]
+    _run_chunks(manager, queue)
+    status = manager.fanout_status(receipt)
+    assert status is not None
+    assert (status.total, status.done, status.failed, status.settled) == (2, 1, 1, True)
