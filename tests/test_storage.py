@@ -132,6 +132,30 @@ def test_a_finished_fanout_run_again_counts_afresh_but_a_retry_keeps_counting(
     assert status is not None and (status.done, status.total) == (0, None)
 
 
+def test_reopening_planning_takes_back_a_total_only_while_the_fanout_is_incomplete(
+    storage: Storage,
+) -> None:
+    fanout = "e" * 24
+    key = storage.feed_key("timeline", 1)
+    storage.begin_fanout(fanout, {})
+    # No total yet: nothing to take back
+    assert storage.reopen_planning(fanout, "plan")
+    # A failed planning recorded a total: it goes, with the planning failure, not the rest
+    storage.apply(WriteBatch("add", [(key, 5)], [entry(1)], chunk=(fanout, "high:0")))
+    storage.mark_chunk_failed(fanout, "high:1", "not sent")
+    storage.mark_chunk_failed(fanout, "plan", "broker went away")
+    storage.end_planning(fanout, 3)
+    assert storage.fanout_status(fanout).settled  # type: ignore[union-attr]
+    assert storage.reopen_planning(fanout, "plan")
+    status = storage.fanout_status(fanout)
+    assert status is not None and (status.total, status.done, status.failed) == (None, 1, 1)
+    # Every chunk done: the fanout stays complete, and the caller is told
+    storage.end_planning(fanout, 1)
+    assert not storage.reopen_planning(fanout, "plan")
+    status = storage.fanout_status(fanout)
+    assert status is not None and status.complete and status.total == 1
+
+
 def test_rejected_messages_are_kept_newest_first_and_pop_oldest_first(storage: Storage) -> None:
     storage.keep_rejected("q.high", "first", "bad 1")
     storage.keep_rejected("q.low", "second", "bad 2")

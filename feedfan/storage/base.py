@@ -125,6 +125,16 @@ class Storage(ABC):
         """Record how many chunks the fanout has, now that planning is over."""
 
     @abstractmethod
+    def reopen_planning(self, fanout_id: str, failed_key: str) -> bool:
+        """Take back a recorded total unless every chunk is done; ``False`` if all are.
+
+        Background planning calls this when a planning page runs again after
+        a failure recorded a total, so the fanout does not settle before its
+        last page; the failure kept under ``failed_key`` goes too. Atomic: a
+        chunk finishing meanwhile cannot make a complete fanout look open.
+        """
+
+    @abstractmethod
     def mark_chunk_failed(self, fanout_id: str, chunk_key: str, reason: str) -> None:
         """Record that a chunk failed for good (it was dead-lettered)."""
 

@@ -126,6 +126,17 @@ class MemoryStorage(Storage):
         with self._lock:
             self._fanouts.setdefault(fanout_id, {})["total"] = str(total_chunks)
 
+    def reopen_planning(self, fanout_id: str, failed_key: str) -> bool:
+        with self._lock:
+            record = self._fanouts.get(fanout_id)
+            if record is None or record.get("total") is None:
+                return True
+            if len(self._done.get(fanout_id, ())) >= int(record["total"]):
+                return False
+            record.pop("total", None)
+            self._failed.get(fanout_id, {}).pop(failed_key, None)
+            return True
+
     def mark_chunk_failed(self, fanout_id: str, chunk_key: str, reason: str) -> None:
         with self._lock:
             if chunk_key not in self._done.get(fanout_id, ()):

@@ -117,6 +117,18 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], 0, tonumber(ARGV[2]) - tonumber(ARGV[3])
 return 1
 """
 
+# KEYS: fanout hash, done set, failed hash. ARGV: the failed-hash field of a planning
+# failure. Takes back a recorded total unless every chunk is done (then returns 0),
+# in one step, so a chunk finishing meanwhile cannot make it look complete.
+_REOPEN_SCRIPT = """
+local total = redis.call('HGET', KEYS[1], 'total')
+if not total then return 1 end
+if redis.call('SCARD', KEYS[2]) >= tonumber(total) then return 0 end
+redis.call('HDEL', KEYS[1], 'total')
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
 _DEFAULT_STATUS_TTL = 7 * 24 * 3600
 _DEFAULT_REJECTED_CAP = 100_000
 
@@ -165,6 +177,7 @@ class RedisStorage(Storage):
         self.client = client
         self._apply_script = client.register_script(_APPLY_SCRIPT)
         self._begin_script = client.register_script(_BEGIN_SCRIPT)
+        self._reopen_script = client.register_script(_REOPEN_SCRIPT)
 
     def __repr__(self) -> str:
         return f"<RedisStorage {redact_url(self.url)} prefix={self.key_prefix!r}>"
@@ -297,6 +310,15 @@ class RedisStorage(Storage):
             pipe.hset(key, "total", total_chunks)
             pipe.expire(key, self.status_ttl)
             pipe.execute()
+
+    def reopen_planning(self, fanout_id: str, failed_key: str) -> bool:
+        keys = [
+            self._key("fanout", fanout_id),
+            self._key("fanout", fanout_id, "done"),
+            self._key("fanout", fanout_id, "failed"),
+        ]
+        with self._errors():
+            return bool(self._reopen_script(keys=keys, args=[failed_key]))
 
     def mark_chunk_failed(self, fanout_id: str, chunk_key: str, reason: str) -> None:
         done_key = self._key("fanout", fanout_id, "done")
