@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from feedfan.activity import ACTIVITY_ID_PATTERN, Activity, ObjectId, check_object_id
 from feedfan.config import Settings, load_settings
@@ -68,8 +68,17 @@ _IN_MEMORY = (list, tuple, set, frozenset, range)
 """Follower groups whose length costs nothing to take."""
 
 
-class _PageCut(DispatchError):
-    """The queue failed after a planning page's next page was sent: planning goes on there."""
+def _pageable(ids: Iterable[ObjectId]) -> bool:
+    """Whether background planning cuts a follower group a page per task.
+
+    Each page calls ``get_user_follower_ids`` again and slices the group, so
+    only a ``range`` or a sequence class of your own (whose slices read just
+    that slice) is paged. A list or tuple was built whole for that call, a
+    generator or a cursor cannot be resumed: one task cuts the whole group.
+    """
+    return isinstance(ids, range) or (
+        isinstance(ids, Sequence) and not isinstance(ids, (list, tuple, str, bytes))
+    )
 
 
 def _may_hold_ids(ids: Iterable[ObjectId] | None) -> bool:
@@ -416,9 +425,9 @@ class Manager:
         A task plans one page (see :class:`~feedfan.task.PlanTask`): at most
         ``planning_page`` chunk tasks of its group, sent in one batch behind
         the task for the next page, so the next page is planned by another
-        worker while these chunks wait. A group that is not a sequence (a
-        generator, a database cursor) cannot be resumed in another task: the
-        task that starts it plans it to its end.
+        worker while these chunks wait. Only a ``range`` or a sequence class
+        of your own is paged; a list or tuple (built whole for each call), a
+        generator or a cursor is cut to its end by the task that starts it.
 
         A chunk over a limit (``max_task_bytes``) is never sent: planning
         stops there, the fanout settles with its planning counted as failed,
@@ -453,42 +462,38 @@ class Manager:
         fanout_id = task.fanout_id
         activity_ids = tuple(activity_id for activity_id, _ in task.entries)
         receipt = FanoutReceipt(fanout_id, activity_ids, 0, 0, 0, 0, planned_in_background=True)
-        status = self.storage.fanout_status(fanout_id)
-        if status is not None and status.total is not None:
-            if status.complete:  # delivered again after the whole fanout was written
-                return receipt
-            # A retry after a failure that settled the fanout: open it again.
-            self.storage.begin_fanout(
-                fanout_id, describe_fanout(task.op, task.user_id, list(activity_ids))
-            )
-        if status is not None and status.failed:
-            self.storage.clear_chunk_failure(fanout_id, PLAN_CHUNK)
+        # A page run again after a failure recorded a total opens the fanout again; one
+        # delivered again after the whole fanout was written has nothing left to do.
+        if not self.storage.reopen_planning(fanout_id, PLAN_CHUNK):
+            return receipt
         sent_before = task.before + task.start  # chunk tasks earlier pages sent
+        # A group's first page fixes its chunk size (the producer's, capped by this
+        # worker's max_chunk_size); later pages keep it, so page offsets line up.
+        if task.start == 0:
+            chunk_size = min(task.chunk_size, self.settings.max_chunk_size)
+        else:
+            chunk_size = task.chunk_size
+        page = dataclasses.replace(task, chunk_size=chunk_size)
+        first = task.start * chunk_size
         try:
             groups = group_followers(self.get_user_follower_ids(task.user_id))
+            ids = groups.get(task.priority, ())
+            paged = _pageable(ids)
+            chunks: list[ChunkTask] = []
+            more = False
+            if paged:
+                listed = cast("Sequence[ObjectId]", ids)
+                end = first + self.settings.planning_page * chunk_size
+                chunks = list(self._cut(page, listed[first:end]))
+                more = len(listed) > end
         except FeedfanError:
             raise
-        except Exception as e:
+        except Exception as e:  # reading the followers failed before any chunk was sent
             self._end_failed_planning(fanout_id, sent_before, f"planning failed: {e!r}")
             raise
-        ids = groups.get(task.priority, ())
-        chunk_size = min(task.chunk_size, self.settings.max_chunk_size)
-        first = task.start * chunk_size
-
-        def cut(followers: Iterable[ObjectId]) -> Iterator[ChunkTask]:
-            return plan_group(
-                op=task.op,
-                feeds=task.feeds,
-                entries=task.entries,
-                priority=task.priority,
-                followers=followers,
-                chunk_size=chunk_size,
-                fanout_id=fanout_id,
-                first_index=task.start,
-            )
 
         def low_group(planned: int) -> PlanTask | None:
-            """The first page of the LOW group, once this HIGH group has ``planned`` chunks."""
+            """The LOW group's first page, once this HIGH group has ``planned`` chunks."""
             if task.priority is FanoutPriority.LOW or not _may_hold_ids(
                 groups.get(FanoutPriority.LOW)
             ):
@@ -497,23 +502,22 @@ class Manager:
                 task, priority=FanoutPriority.LOW, start=0, before=sent_before + planned
             )
 
-        after: PlanTask | None
         count = followers = 0
+        after: PlanTask | None
         try:
-            if isinstance(ids, Sequence):
-                end = first + self.settings.planning_page * chunk_size
-                chunks = list(cut(ids[first:end]))
+            if paged:
                 count, followers = len(chunks), sum(len(c.followers) for c in chunks)
-                if len(ids) > end:
-                    after = dataclasses.replace(task, start=task.start + count)
-                else:
-                    after = low_group(count)
+                after = (
+                    dataclasses.replace(page, start=task.start + count)
+                    if more
+                    else low_group(count)
+                )
                 self._send_page(task, chunks, after)
-            else:  # a stream: the rest of the group, here, then the LOW group's first page
+            else:  # not to be read again per page: the rest of the group here, then LOW
 
                 def stream() -> Iterator[ChunkTask | PlanTask]:
                     nonlocal count, followers
-                    for chunk in cut(islice(ids, first, None)):
+                    for chunk in self._cut(page, islice(ids, first, None)):
                         count += 1
                         followers += len(chunk.followers)
                         yield chunk
@@ -526,8 +530,6 @@ class Manager:
         except LimitExceededError as e:
             self._end_failed_planning(fanout_id, sent_before + e.accepted, f"stopped: {e}")
             raise PayloadError(f"planning of fanout {fanout_id} stopped: {e}") from e
-        except _PageCut:
-            raise
         except DispatchError as e:
             # Nothing after the failure was sent, the next page neither: the planning counts
             # as failed, so the fanout settles if this was its last try (a retry opens it).
@@ -544,13 +546,27 @@ class Manager:
             followers=followers,
         )
 
+    def _cut(self, page: PlanTask, followers: Iterable[ObjectId]) -> Iterator[ChunkTask]:
+        return plan_group(
+            op=page.op,
+            feeds=page.feeds,
+            entries=page.entries,
+            priority=page.priority,
+            followers=followers,
+            chunk_size=page.chunk_size,
+            fanout_id=page.fanout_id,
+            first_index=page.start,
+        )
+
     def _send_page(self, task: PlanTask, chunks: list[ChunkTask], after: PlanTask | None) -> None:
         """Send a page's chunk tasks, behind the task of the page ``after`` it if there is one.
 
         A chunk over ``max_task_bytes`` stops planning: the chunks before it
-        go, the next page does not. If the queue fails once the next page is
-        in it, planning goes on there, and this page's chunks not sent are
-        counted failed, each under its own key (written, they count done).
+        go, the next page does not. If the queue fails once it holds the next
+        page, planning goes on there and this task ends: the chunks not sent
+        count failed, each under its own key, until the activity is added
+        again (written, they count done). Retrying this task instead could
+        record a total while later pages run.
         """
         for index, chunk in enumerate(chunks):
             try:
@@ -566,10 +582,22 @@ class Manager:
         except DispatchError as e:
             if e.accepted == 0:
                 raise
-            reason = f"not sent while planning: {e}"
-            for chunk in chunks[e.accepted - 1 :]:
+            unsent = chunks[e.accepted - 1 :]
+            reason = (
+                f"not sent while planning: {e}. Add the activity again to send it; nothing is "
+                "written twice."
+            )
+            for chunk in unsent:
                 self.storage.mark_chunk_failed(task.fanout_id, chunk.chunk_key, reason)
-            raise _PageCut(str(e), accepted=e.accepted - 1) from e
+            logger.error(
+                "feedfan could not send %d chunk task(s) of fanout %s (%s from %d); planning "
+                "goes on from the next page, and they count failed: %s",
+                len(unsent),
+                task.fanout_id,
+                task.priority.value,
+                task.start,
+                e,
+            )
 
     # Follows ------------------------------------------------------------------
 

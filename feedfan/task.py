@@ -269,7 +269,7 @@ def decode_task(raw: str | bytes, *, max_bytes: int = 1_048_576) -> Task:
         raise PayloadError(f"task kind {_short(kind)} is unknown; expected 'chunk' or 'plan'.")
     keys = set(body)
     if kind == "plan" and keys & {"from", "base"}:
-        expected = _PAGED_PLAN_KEYS  # a planning page; without both, a whole plan (older feedfan)
+        expected = _PAGED_PLAN_KEYS  # a planning page; neither key: an older whole-fanout plan
     if keys != expected:
         problems = []
         if expected - keys:

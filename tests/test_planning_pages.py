@@ -9,8 +9,8 @@ the next page, which goes to the queue of the group it plans.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import pytest
 
@@ -51,6 +51,26 @@ class _Queue(TaskDispatcher):
         # What a worker would read: the task as decoded from its JSON
         self.sent.append(decode_task(body))
         self.batches[-1].append(self.sent[-1])
+
+
+class _Paged(Sequence[str]):
+    """Followers behind a sequence class of one's own: a slice reads just that slice."""
+
+    def __init__(self, ids: list[str], *, broken: bool = False) -> None:
+        self.ids = ids
+        self.broken = broken  # the follower database is down
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if self.broken:
+            raise RuntimeError("follower database is down")
+        return self.ids[index]
 
 
 class _Stream:
@@ -103,11 +123,14 @@ def _pin() -> Activity:
 
 
 def test_a_large_fanout_is_planned_a_page_at_a_time_each_page_on_its_groups_queue() -> None:
-    # Given 45 HIGH and 30 LOW followers in lists, chunks of 10, pages of 2 chunk tasks
+    # Given 45 HIGH and 30 LOW followers in sequences, chunks of 10, pages of 2 chunk tasks
     high = [f"h{i}" for i in range(45)]
     low = [f"l{i}" for i in range(30)]
     manager, queue = _manager(
-        {HIGH: high, LOW: low}, planning="background", fanout_chunk_size=10, planning_page=2
+        {HIGH: _Paged(high), LOW: _Paged(low)},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=2,
     )
     # When the author posts, only the first planning task is sent, for HIGH
     receipt = manager.add_user_activity("author", _pin())
@@ -147,18 +170,21 @@ def test_a_large_fanout_is_planned_a_page_at_a_time_each_page_on_its_groups_queu
     assert status is not None and status.total == 8
 
 
-def test_a_group_that_is_not_a_sequence_is_planned_to_its_end_by_one_task() -> None:
-    # Given HIGH followers streamed from a cursor, which cannot be resumed in another task
+@pytest.mark.parametrize("kind", [_Stream, list, tuple])
+def test_a_stream_or_a_list_is_cut_to_its_end_by_one_task(kind: Any) -> None:
+    # Given HIGH followers from a cursor (not resumable) or a list (built whole for each
+    # call, so reading it again per page would cost the whole list each time)
     manager, queue = _manager(
-        {HIGH: _Stream([f"h{i}" for i in range(45)]), LOW: [f"l{i}" for i in range(30)]},
+        {HIGH: kind([f"h{i}" for i in range(45)]), LOW: _Paged([f"l{i}" for i in range(30)])},
         planning="background",
         fanout_chunk_size=10,
         planning_page=2,
     )
     receipt = manager.add_user_activity("author", _pin())
     plans, chunks = _work(manager, queue)
-    # Then one task planned the whole HIGH group; the LOW list is paged as usual
+    # Then one task cut the whole HIGH group; the LOW sequence is paged as usual
     assert [(p.priority, p.start) for p in plans] == [(HIGH, 0), (LOW, 0), (LOW, 2)]
+    assert [c.index for c in chunks if c.priority is HIGH] == [0, 1, 2, 3, 4]
     assert len(chunks) == 8
     status = manager.fanout_status(receipt)
     assert status is not None and status.total == 8
@@ -185,7 +211,7 @@ def _run_chunks(manager: Manager, queue: _Queue) -> None:
 def test_a_page_the_queue_refuses_settles_the_fanout_and_its_retry_reopens_it() -> None:
     # Given pages of 2 chunk tasks of 10 followers, 60 followers, the first page planned
     manager, queue = _manager(
-        {HIGH: [f"h{i}" for i in range(60)]},
+        {HIGH: _Paged([f"h{i}" for i in range(60)])},
         planning="background",
         fanout_chunk_size=10,
         planning_page=2,
@@ -215,40 +241,91 @@ def test_a_page_the_queue_refuses_settles_the_fanout_and_its_retry_reopens_it() 
     assert status is not None and (status.total, status.done, status.failed) == (6, 6, 0)
 
 
-def test_chunks_the_queue_refuses_after_the_next_page_count_failed_until_a_retry() -> None:
-    # Given pages of 3 chunk tasks of 10 followers, 60 followers, the first page planned
+def test_chunks_the_queue_refuses_after_the_next_page_count_failed_until_added_again() -> None:
+    # Given pages of 3 chunk tasks of 10 followers, 60 followers
+    activity = _pin()
     manager, queue = _manager(
-        {HIGH: [f"h{i}" for i in range(60)]},
+        {HIGH: _Paged([f"h{i}" for i in range(60)])},
         planning="background",
         fanout_chunk_size=10,
         planning_page=3,
     )
-    receipt = manager.add_user_activity("author", _pin())
+    receipt = manager.add_user_activity("author", activity)
     first = queue.sent[0]
     assert isinstance(first, PlanTask)
-    # When the queue takes the next page and the first chunk, then fails
+    # When the queue takes the next page and the first chunk of a page, then fails
     queue.fail_at = len(queue.sent) + 3
-    with pytest.raises(DispatchError):
-        manager.plan_in_worker(first)
+    manager.plan_in_worker(first)
     assert [type(t).__name__ for t in queue.batches[-1]] == ["PlanTask", "ChunkTask"]
-    # Then planning goes on from the next page, and the 2 chunks not sent count failed
-    plans, _ = _work(manager, queue, ran=(first,))
+    # Then planning goes on from the next page, and the 2 chunks not sent count failed,
+    # with the way to send them
+    _work(manager, queue, ran=(first,))
     _run_chunks(manager, queue)
     status = manager.fanout_status(receipt)
     assert status is not None
     assert (status.total, status.done, status.failed, status.settled) == (6, 4, 2, True)
-    # And a retry of the page sends them and the next page again (a second, harmless run of
-    # the pages after it): every chunk done, nothing failed
-    manager.plan_in_worker(first)
-    _work(manager, queue, ran=tuple(plans))
+    reasons = manager.storage._failed[receipt.fanout_id]  # type: ignore[attr-defined]
+    assert sorted(reasons) == ["high:1", "high:2"]
+    assert all("Add the activity again" in reason for reason in reasons.values())
+    # And adding the activity again sends them: every chunk done, nothing failed
+    ran = tuple(t for t in queue.sent if isinstance(t, PlanTask))
+    manager.add_user_activity("author", activity)
+    _work(manager, queue, ran=ran)
     _run_chunks(manager, queue)
     status = manager.fanout_status(receipt)
     assert status is not None and (status.total, status.done, status.failed) == (6, 6, 0)
 
 
+def test_an_error_reading_a_page_of_followers_settles_the_fanout_with_its_planning_failed() -> None:
+    followers = _Paged([f"h{i}" for i in range(60)])
+    manager, queue = _manager(
+        {HIGH: followers}, planning="background", fanout_chunk_size=10, planning_page=2
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    manager.plan_in_worker(first)
+    second = queue.batches[-1][0]
+    assert isinstance(second, PlanTask)
+    # When the follower database fails as the second page is read
+    followers.broken = True
+    with pytest.raises(RuntimeError, match="follower database is down"):
+        manager.plan_in_worker(second)
+    _run_chunks(manager, queue)
+    # Then the fanout settles: 2 chunks done and its planning failed, not "planning" forever
+    status = manager.fanout_status(receipt)
+    assert status is not None
+    assert (status.total, status.done, status.failed, status.settled) == (3, 2, 1, True)
+
+
+def test_later_pages_keep_the_chunk_size_of_a_groups_first_page() -> None:
+    # Given a producer asking for chunks of 20, a first worker capping them at 10, and a
+    # worker with a cap of 5 planning the pages after
+    ids = [f"h{i}" for i in range(70)]
+    first_worker, queue = _manager(
+        {HIGH: _Paged(ids)},
+        planning="background",
+        fanout_chunk_size=10,
+        max_chunk_size=10,
+        planning_page=2,
+    )
+    pin = _pin()
+    plan = PlanTask("add", ("timeline",), ((pin.id, pin.sort_key),), "author", "0" * 24, HIGH, 20)
+    first_worker.plan_in_worker(plan)
+    second_worker, _ = _manager(
+        {HIGH: _Paged(ids)}, fanout_chunk_size=5, max_chunk_size=5, planning_page=2
+    )
+    second_worker.dispatcher = queue
+    _work(second_worker, queue, ran=(plan,))
+    # Then every follower is in exactly one chunk, in chunks of 10
+    chunks = [t for t in queue.sent if isinstance(t, ChunkTask)]
+    assert [f for c in chunks for f in c.followers] == ids
+    assert {len(c.followers) for c in chunks} == {10}
+
+
 def test_a_page_delivered_again_after_the_fanout_completed_sends_nothing() -> None:
     manager, queue = _manager(
-        {HIGH: [f"h{i}" for i in range(30)]},
+        {HIGH: _Paged([f"h{i}" for i in range(30)])},
         planning="background",
         fanout_chunk_size=10,
         planning_page=1,
@@ -313,7 +390,7 @@ def test_a_chunk_over_the_task_limit_stops_planning_at_it_and_no_next_page_is_se
     # Given a page of 3 chunks whose second holds ids too long for a 2 KiB task
     ids = [f"h{i}" for i in range(10)] + [f"h{i}-{'x' * 200}" for i in range(10)]
     manager, queue = _manager(
-        {HIGH: ids + [f"h{i}" for i in range(20, 40)]},
+        {HIGH: _Paged(ids + [f"h{i}" for i in range(20, 40)])},
         planning="background",
         fanout_chunk_size=10,
         planning_page=3,
