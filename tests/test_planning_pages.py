@@ -17,6 +17,7 @@ import pytest
 from feedfan.activity import Activity, ObjectId
 from feedfan.dispatch import TaskDispatcher
 from feedfan.errors import DispatchError, PayloadError
+from feedfan.fanout import FanoutReceipt
 from feedfan.manager import Manager
 from feedfan.priority import FanoutPriority
 from feedfan.storage.memory import MemoryStorage
@@ -99,6 +100,17 @@ def _manager(groups: dict[FanoutPriority, Any], **settings: Any) -> tuple[Manage
     queue = _Queue(manager.settings, runner=manager.runner)
     manager.dispatcher = queue
     return manager, queue
+
+
+def _posted(
+    high: Any, activity: Activity | None = None, **settings: Any
+) -> tuple[Manager, _Queue, FanoutReceipt, PlanTask]:
+    """A background fanout to ``high`` HIGH followers, posted: its first planning task."""
+    manager, queue = _manager({HIGH: high}, planning="background", **settings)
+    receipt = manager.add_user_activity("author", activity or _pin())
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    return manager, queue, receipt, first
 
 
 def _work(
@@ -210,15 +222,9 @@ def _run_chunks(manager: Manager, queue: _Queue) -> None:
 
 def test_a_page_the_queue_refuses_settles_the_fanout_and_its_retry_reopens_it() -> None:
     # Given pages of 2 chunk tasks of 10 followers, 60 followers, the first page planned
-    manager, queue = _manager(
-        {HIGH: _Paged([f"h{i}" for i in range(60)])},
-        planning="background",
-        fanout_chunk_size=10,
-        planning_page=2,
+    manager, queue, receipt, first = _posted(
+        _Paged([f"h{i}" for i in range(60)]), fanout_chunk_size=10, planning_page=2
     )
-    receipt = manager.add_user_activity("author", _pin())
-    first = queue.sent[0]
-    assert isinstance(first, PlanTask)
     manager.plan_in_worker(first)
     second = queue.batches[-1][0]
     assert isinstance(second, PlanTask) and second.start == 2
@@ -244,15 +250,9 @@ def test_a_page_the_queue_refuses_settles_the_fanout_and_its_retry_reopens_it() 
 def test_chunks_the_queue_refuses_after_the_next_page_count_failed_until_added_again() -> None:
     # Given pages of 3 chunk tasks of 10 followers, 60 followers
     activity = _pin()
-    manager, queue = _manager(
-        {HIGH: _Paged([f"h{i}" for i in range(60)])},
-        planning="background",
-        fanout_chunk_size=10,
-        planning_page=3,
+    manager, queue, receipt, first = _posted(
+        _Paged([f"h{i}" for i in range(60)]), activity, fanout_chunk_size=10, planning_page=3
     )
-    receipt = manager.add_user_activity("author", activity)
-    first = queue.sent[0]
-    assert isinstance(first, PlanTask)
     # When the queue takes the next page and the first chunk of a page, then fails
     queue.fail_at = len(queue.sent) + 3
     manager.plan_in_worker(first)
@@ -278,12 +278,7 @@ def test_chunks_the_queue_refuses_after_the_next_page_count_failed_until_added_a
 
 def test_an_error_reading_a_page_of_followers_settles_the_fanout_with_its_planning_failed() -> None:
     followers = _Paged([f"h{i}" for i in range(60)])
-    manager, queue = _manager(
-        {HIGH: followers}, planning="background", fanout_chunk_size=10, planning_page=2
-    )
-    receipt = manager.add_user_activity("author", _pin())
-    first = queue.sent[0]
-    assert isinstance(first, PlanTask)
+    manager, queue, receipt, first = _posted(followers, fanout_chunk_size=10, planning_page=2)
     manager.plan_in_worker(first)
     second = queue.batches[-1][0]
     assert isinstance(second, PlanTask)
@@ -389,16 +384,12 @@ def test_a_planning_page_with_a_bad_position_is_refused_naming_the_field(
 def test_a_chunk_over_the_task_limit_stops_planning_at_it_and_no_next_page_is_sent() -> None:
     # Given a page of 3 chunks whose second holds ids too long for a 2 KiB task
     ids = [f"h{i}" for i in range(10)] + [f"h{i}-{'x' * 200}" for i in range(10)]
-    manager, queue = _manager(
-        {HIGH: _Paged(ids + [f"h{i}" for i in range(20, 40)])},
-        planning="background",
+    manager, queue, receipt, first = _posted(
+        _Paged(ids + [f"h{i}" for i in range(20, 40)]),
         fanout_chunk_size=10,
         planning_page=3,
         max_task_bytes=2048,
     )
-    receipt = manager.add_user_activity("author", _pin())
-    first = queue.sent[0]
-    assert isinstance(first, PlanTask)
     # When a worker plans the page, the worker is told to keep the task and not retry it
     with pytest.raises(PayloadError, match="max_task_bytes"):
         manager.plan_in_worker(first)
