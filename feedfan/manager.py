@@ -68,17 +68,22 @@ _IN_MEMORY = (list, tuple, set, frozenset, range)
 """Follower groups whose length costs nothing to take."""
 
 
+_STDLIB_SEQUENCES = frozenset({"builtins", "collections", "array"})
+
+
 def _pageable(ids: Iterable[ObjectId]) -> bool:
     """Whether background planning cuts a follower group a page per task.
 
     Each page calls ``get_user_follower_ids`` again and slices the group, so
     only a ``range`` or a sequence class of your own (whose slices read just
-    that slice) is paged. A list or tuple was built whole for that call, a
-    generator or a cursor cannot be resumed: one task cuts the whole group.
+    that slice) is paged. A list, tuple or other standard-library sequence was
+    built whole for that call, a generator or a cursor cannot be resumed: one
+    task cuts the whole group.
     """
-    return isinstance(ids, range) or (
-        isinstance(ids, Sequence) and not isinstance(ids, (list, tuple, str, bytes))
-    )
+    if isinstance(ids, range):
+        return True
+    # The standard library's sequences (list, tuple, deque, UserList, array) hold every id.
+    return isinstance(ids, Sequence) and type(ids).__module__ not in _STDLIB_SEQUENCES
 
 
 def _may_hold_ids(ids: Iterable[ObjectId] | None) -> bool:
@@ -469,12 +474,20 @@ class Manager:
         sent_before = task.before + task.start  # chunk tasks earlier pages sent
         # A group's first page fixes its chunk size (the producer's, capped by this
         # worker's max_chunk_size); later pages keep it, so page offsets line up.
-        if task.start == 0:
-            chunk_size = min(task.chunk_size, self.settings.max_chunk_size)
-        else:
-            chunk_size = task.chunk_size
+        cap = self.settings.max_chunk_size
+        chunk_size = min(task.chunk_size, cap) if task.start == 0 else task.chunk_size
+        if chunk_size > cap:
+            error = PayloadError(
+                f"plan task of fanout {fanout_id} continues chunks of {chunk_size} followers, "
+                f"above this worker's max_chunk_size={cap} (from "
+                f"{self.settings.sources.get('max_chunk_size', 'default')}); run every worker "
+                "with the same max_chunk_size, then replay the task (feedfan replay)."
+            )
+            self._end_failed_planning(fanout_id, sent_before, str(error))
+            raise error
         page = dataclasses.replace(task, chunk_size=chunk_size)
         first = task.start * chunk_size
+        stopped: list[ActivityError] = []  # a follower id that is not one stops the cut
         try:
             groups = group_followers(self.get_user_follower_ids(task.user_id))
             ids = groups.get(task.priority, ())
@@ -484,8 +497,13 @@ class Manager:
             if paged:
                 listed = cast("Sequence[ObjectId]", ids)
                 end = first + self.settings.planning_page * chunk_size
-                chunks = list(self._cut(page, listed[first:end]))
-                more = len(listed) > end
+                window = listed[first:end]
+                chunks = list(self._cut(page, window, stopped))
+                # A short slice (the group changed between reads) ends the group here.
+                more = not stopped and len(window) == end - first and len(listed) > end
+        except ActivityError as e:  # get_user_follower_ids returned something unusable
+            self._end_failed_planning(fanout_id, sent_before, f"stopped: {e}")
+            raise PayloadError(f"planning of fanout {fanout_id} stopped: {e}") from e
         except FeedfanError:
             raise
         except Exception as e:  # reading the followers failed before any chunk was sent
@@ -494,8 +512,10 @@ class Manager:
 
         def low_group(planned: int) -> PlanTask | None:
             """The LOW group's first page, once this HIGH group has ``planned`` chunks."""
-            if task.priority is FanoutPriority.LOW or not _may_hold_ids(
-                groups.get(FanoutPriority.LOW)
+            if (
+                stopped
+                or task.priority is FanoutPriority.LOW
+                or not _may_hold_ids(groups.get(FanoutPriority.LOW))
             ):
                 return None
             return dataclasses.replace(
@@ -517,7 +537,7 @@ class Manager:
 
                 def stream() -> Iterator[ChunkTask | PlanTask]:
                     nonlocal count, followers
-                    for chunk in self._cut(page, islice(ids, first, None)):
+                    for chunk in self._cut(page, islice(ids, first, None), stopped):
                         count += 1
                         followers += len(chunk.followers)
                         yield chunk
@@ -535,6 +555,9 @@ class Manager:
             # as failed, so the fanout settles if this was its last try (a retry opens it).
             self._end_failed_planning(fanout_id, sent_before + e.accepted, f"planning failed: {e}")
             raise
+        if stopped:  # the chunks before the bad id were sent; planning ends there
+            self._end_failed_planning(fanout_id, sent_before + count, f"stopped: {stopped[0]}")
+            raise PayloadError(f"planning of fanout {fanout_id} stopped: {stopped[0]}")
         if after is None:
             self.storage.end_planning(fanout_id, sent_before + count)
         high = task.priority is FanoutPriority.HIGH
@@ -546,17 +569,23 @@ class Manager:
             followers=followers,
         )
 
-    def _cut(self, page: PlanTask, followers: Iterable[ObjectId]) -> Iterator[ChunkTask]:
-        return plan_group(
-            op=page.op,
-            feeds=page.feeds,
-            entries=page.entries,
-            priority=page.priority,
-            followers=followers,
-            chunk_size=page.chunk_size,
-            fanout_id=page.fanout_id,
-            first_index=page.start,
-        )
+    def _cut(
+        self, page: PlanTask, followers: Iterable[ObjectId], stopped: list[ActivityError]
+    ) -> Iterator[ChunkTask]:
+        """``page``'s chunk tasks; at a follower id that is not one, note it and stop."""
+        try:
+            yield from plan_group(
+                op=page.op,
+                feeds=page.feeds,
+                entries=page.entries,
+                priority=page.priority,
+                followers=followers,
+                chunk_size=page.chunk_size,
+                fanout_id=page.fanout_id,
+                first_index=page.start,
+            )
+        except ActivityError as e:
+            stopped.append(e)
 
     def _send_page(self, task: PlanTask, chunks: list[ChunkTask], after: PlanTask | None) -> None:
         """Send a page's chunk tasks, behind the task of the page ``after`` it if there is one.
@@ -587,8 +616,11 @@ class Manager:
                 f"not sent while planning: {e}. Add the activity again to send it; nothing is "
                 "written twice."
             )
-            for chunk in unsent:
-                self.storage.mark_chunk_failed(task.fanout_id, chunk.chunk_key, reason)
+            try:
+                for chunk in unsent:
+                    self.storage.mark_chunk_failed(task.fanout_id, chunk.chunk_key, reason)
+            except FeedfanError:  # the task must not be retried: the next page is queued
+                logger.exception("feedfan could not count the chunks not sent as failed")
             logger.error(
                 "feedfan could not send %d chunk task(s) of fanout %s (%s from %d); planning "
                 "goes on from the next page, and they count failed: %s",

@@ -8,6 +8,7 @@ the next page, which goes to the queue of the group it plans.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
@@ -16,7 +17,7 @@ import pytest
 
 from feedfan.activity import Activity, ObjectId
 from feedfan.dispatch import TaskDispatcher
-from feedfan.errors import DispatchError, PayloadError
+from feedfan.errors import DispatchError, PayloadError, StorageError
 from feedfan.fanout import FanoutReceipt
 from feedfan.manager import Manager
 from feedfan.priority import FanoutPriority
@@ -57,12 +58,13 @@ class _Queue(TaskDispatcher):
 class _Paged(Sequence[str]):
     """Followers behind a sequence class of one's own: a slice reads just that slice."""
 
-    def __init__(self, ids: list[str], *, broken: bool = False) -> None:
+    def __init__(self, ids: list[str], *, broken: bool = False, claimed: int = 0) -> None:
         self.ids = ids
         self.broken = broken  # the follower database is down
+        self.claimed = claimed  # a COUNT that disagrees with the rows (followers left)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.claimed or len(self.ids)
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -182,7 +184,7 @@ def test_a_large_fanout_is_planned_a_page_at_a_time_each_page_on_its_groups_queu
     assert status is not None and status.total == 8
 
 
-@pytest.mark.parametrize("kind", [_Stream, list, tuple])
+@pytest.mark.parametrize("kind", [_Stream, list, tuple, collections.deque])
 def test_a_stream_or_a_list_is_cut_to_its_end_by_one_task(kind: Any) -> None:
     # Given HIGH followers from a cursor (not resumable) or a list (built whole for each
     # call, so reading it again per page would cost the whole list each time)
@@ -295,7 +297,7 @@ def test_an_error_reading_a_page_of_followers_settles_the_fanout_with_its_planni
 
 def test_later_pages_keep_the_chunk_size_of_a_groups_first_page() -> None:
     # Given a producer asking for chunks of 20, a first worker capping them at 10, and a
-    # worker with a cap of 5 planning the pages after
+    # worker configured for chunks of 5 planning the pages after
     ids = [f"h{i}" for i in range(70)]
     first_worker, queue = _manager(
         {HIGH: _Paged(ids)},
@@ -308,7 +310,7 @@ def test_later_pages_keep_the_chunk_size_of_a_groups_first_page() -> None:
     plan = PlanTask("add", ("timeline",), ((pin.id, pin.sort_key),), "author", "0" * 24, HIGH, 20)
     first_worker.plan_in_worker(plan)
     second_worker, _ = _manager(
-        {HIGH: _Paged(ids)}, fanout_chunk_size=5, max_chunk_size=5, planning_page=2
+        {HIGH: _Paged(ids)}, fanout_chunk_size=5, max_chunk_size=10, planning_page=2
     )
     second_worker.dispatcher = queue
     _work(second_worker, queue, ran=(plan,))
@@ -401,3 +403,97 @@ def test_a_chunk_over_the_task_limit_stops_planning_at_it_and_no_next_page_is_se
     status = manager.fanout_status(receipt)
     assert status is not None
     assert (status.total, status.done, status.failed, status.settled) == (2, 1, 1, True)
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["sequence", "stream"])
+def test_a_follower_id_that_is_not_one_stops_planning_there_and_settles_the_fanout(
+    paged: bool,
+) -> None:
+    # Given 45 HIGH followers, the 25th of them not an id, and LOW followers after them
+    ids: list[Any] = [f"h{i}" for i in range(45)]
+    ids[24] = {"not": "an id"}
+    manager, queue = _manager(
+        {HIGH: _Paged(ids) if paged else _Stream(ids), LOW: _Paged(["l0", "l1"])},
+        planning="background",
+        fanout_chunk_size=10,
+        planning_page=5,
+    )
+    receipt = manager.add_user_activity("author", _pin())
+    first = queue.sent[0]
+    assert isinstance(first, PlanTask)
+    # When a worker plans, it is told to keep the task and not retry it
+    with pytest.raises(PayloadError, match="follower id of priority HIGH"):
+        manager.plan_in_worker(first)
+    # Then the 2 chunks before the bad one went, no next page, and the fanout settles
+    assert [type(t).__name__ for t in queue.sent[1:]] == ["ChunkTask", "ChunkTask"]
+    _run_chunks(manager, queue)
+    status = manager.fanout_status(receipt)
+    assert status is not None
+    assert (status.total, status.done, status.failed, status.settled) == (3, 2, 1, True)
+
+
+def test_a_page_delivered_twice_whose_second_run_fails_does_not_end_the_live_chain() -> None:
+    # Given pages of one chunk of 10 followers, and a page the broker delivers twice
+    manager, queue, receipt, first = _posted(
+        _Paged([f"h{i}" for i in range(40)]), fanout_chunk_size=10, planning_page=1
+    )
+    manager.plan_in_worker(first)
+    second = queue.batches[-1][0]
+    assert isinstance(second, PlanTask)
+    manager.plan_in_worker(second)
+    third = queue.batches[-1][0]
+    assert isinstance(third, PlanTask)
+    # When the second delivery of the second page finds the broker down, recording a total
+    # of 2 (the chunk before it and its failed planning), and the chunks sent so far run
+    queue.fail_at = len(queue.sent) + 1
+    with pytest.raises(DispatchError):
+        manager.plan_in_worker(second)
+    _run_chunks(manager, queue)
+    # Then the live chain's next page still plans, and the fanout completes with all 4 chunks
+    _work(manager, queue, ran=(first, second, second))
+    _run_chunks(manager, queue)
+    status = manager.fanout_status(receipt)
+    assert status is not None and (status.total, status.done, status.failed) == (4, 4, 0)
+
+
+def test_a_page_shorter_than_its_group_claims_ends_the_group_there() -> None:
+    # Given a COUNT saying 60 followers while 25 rows remain
+    manager, queue, receipt, _ = _posted(
+        _Paged([f"h{i}" for i in range(25)], claimed=60), fanout_chunk_size=10, planning_page=2
+    )
+    _, chunks = _work(manager, queue)
+    # Then every follower read is written once, and planning ends with the short page
+    assert [f for c in chunks for f in c.followers] == [f"h{i}" for i in range(25)]
+    status = manager.fanout_status(receipt)
+    assert status is not None and status.total == 3
+
+
+def test_chunks_not_sent_that_cannot_be_counted_still_end_the_task() -> None:
+    # Given a page whose chunks the queue refuses after taking the next page, and a storage
+    # that fails to count them
+    manager, queue, _, first = _posted(
+        _Paged([f"h{i}" for i in range(60)]), fanout_chunk_size=10, planning_page=3
+    )
+    queue.fail_at = len(queue.sent) + 2
+
+    def unreachable(*args: Any) -> None:
+        raise StorageError("Redis went away")
+
+    manager.storage.mark_chunk_failed = unreachable  # type: ignore[method-assign]
+    # When a worker plans the page, the task ends without an error to retry it (a retry
+    # would send the next page a second time)
+    manager.plan_in_worker(first)
+    assert [type(t).__name__ for t in queue.batches[-1]] == ["PlanTask"]
+
+
+def test_a_page_continuing_chunks_above_this_workers_cap_is_refused_naming_the_setting() -> None:
+    manager, queue = _manager(
+        {HIGH: _Paged([f"h{i}" for i in range(60)])}, fanout_chunk_size=5, max_chunk_size=5
+    )
+    pin = _pin()
+    page = PlanTask(
+        "add", ("timeline",), ((pin.id, pin.sort_key),), "author", "0" * 24, HIGH, 20, start=2
+    )
+    with pytest.raises(PayloadError, match="above this worker's max_chunk_size=5"):
+        manager.plan_in_worker(page)
+    assert queue.sent == []

@@ -154,6 +154,13 @@ def test_reopening_planning_takes_back_a_total_only_while_the_fanout_is_incomple
     assert not storage.reopen_planning(fanout, "plan")
     status = storage.fanout_status(fanout)
     assert status is not None and status.complete and status.total == 1
+    # But a total a failed planning wrote is taken back even when the chunks it counts are
+    # done: later pages may still be planning
+    storage.mark_chunk_failed(fanout, "plan", "broker went away")
+    storage.end_planning(fanout, 1)
+    assert storage.reopen_planning(fanout, "plan")
+    status = storage.fanout_status(fanout)
+    assert status is not None and (status.total, status.failed) == (None, 1)  # high:1 stays
 
 
 def test_rejected_messages_are_kept_newest_first_and_pop_oldest_first(storage: Storage) -> None:

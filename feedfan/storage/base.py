@@ -126,12 +126,14 @@ class Storage(ABC):
 
     @abstractmethod
     def reopen_planning(self, fanout_id: str, failed_key: str) -> bool:
-        """Take back a recorded total unless every chunk is done; ``False`` if all are.
+        """Take back a recorded total and the planning failure kept under ``failed_key``.
 
-        Background planning calls this when a planning page runs again after
-        a failure recorded a total, so the fanout does not settle before its
-        last page; the failure kept under ``failed_key`` goes too. Atomic: a
-        chunk finishing meanwhile cannot make a complete fanout look open.
+        Background planning calls this before each page, so that a page run
+        again after a failed planning recorded a total does not leave the
+        fanout settled before its last page. Returns ``False``, changing
+        nothing, when every chunk is done and no planning failure is kept: the
+        fanout is complete. A total written with a planning failure is never
+        final. Atomic: a chunk finishing meanwhile cannot make it look open.
         """
 
     @abstractmethod

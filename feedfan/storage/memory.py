@@ -131,10 +131,13 @@ class MemoryStorage(Storage):
             record = self._fanouts.get(fanout_id)
             if record is None or record.get("total") is None:
                 return True
-            if len(self._done.get(fanout_id, ())) >= int(record["total"]):
+            failed = self._failed.get(fanout_id, {})
+            if failed_key not in failed and len(self._done.get(fanout_id, ())) >= int(
+                record["total"]
+            ):
                 return False
             record.pop("total", None)
-            self._failed.get(fanout_id, {}).pop(failed_key, None)
+            failed.pop(failed_key, None)
             return True
 
     def mark_chunk_failed(self, fanout_id: str, chunk_key: str, reason: str) -> None:

@@ -118,12 +118,16 @@ return 1
 """
 
 # KEYS: fanout hash, done set, failed hash. ARGV: the failed-hash field of a planning
-# failure. Takes back a recorded total unless every chunk is done (then returns 0),
-# in one step, so a chunk finishing meanwhile cannot make it look complete.
+# failure. Takes back a recorded total, in one step, unless every chunk is done and
+# no planning failed (then returns 0): a total written by a failed planning is never
+# final, even if the chunks sent before it are all done.
 _REOPEN_SCRIPT = """
 local total = redis.call('HGET', KEYS[1], 'total')
 if not total then return 1 end
-if redis.call('SCARD', KEYS[2]) >= tonumber(total) then return 0 end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0
+    and redis.call('SCARD', KEYS[2]) >= tonumber(total) then
+  return 0
+end
 redis.call('HDEL', KEYS[1], 'total')
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
