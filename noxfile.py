@@ -61,9 +61,10 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def types(session: nox.Session) -> None:
     """Type-check with mypy and check that the core imports no queue library."""
-    _install(session, "types", "test")
+    _install(session, "types", "test", "bench")
     session.run("mypy")
     session.run("mypy", "backends", "--explicit-package-bases")
+    session.run("mypy", "benchmarks", "--explicit-package-bases")
     session.run("lint-imports")
 
 
