@@ -49,10 +49,7 @@ def make_user(namespace: str, high: int, low: int) -> str:
 
 def follower_ids(user_id: ObjectId, priority: FanoutPriority) -> Iterator[str]:
     """The followers of a conformance user of one priority, generated lazily."""
-    namespace, high, low = str(user_id).rsplit(":", 2)
-    count = int(high) if priority is FanoutPriority.HIGH else int(low)
-    letter = "h" if priority is FanoutPriority.HIGH else "l"
-    return (f"{namespace}:{letter}{i}" for i in range(count))
+    return iter(_Followers(user_id, priority))
 
 
 class _Followers(Sequence[str]):
