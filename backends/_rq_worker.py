@@ -16,9 +16,9 @@ change three things:
 * a work-horse killed under a forking worker is put back the same way at once.
 
 Chunks are idempotent, so running one again is harmless. The workers also
-cut RQ's bookkeeping to two Redis round trips a chunk (start; finish and
-take the next job), sending the commands RQ's own methods write as one
-script call each; see docs/rq.md.
+cut RQ's bookkeeping to one Redis round trip a chunk: the script call that
+finishes a job takes the next one and starts it, sending the commands RQ's
+own methods write; see docs/rq.md.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import uuid
 import zlib
 from typing import Any, cast
 
@@ -73,28 +74,57 @@ _INTERMEDIATE_GRACE = 60
 """RQ fails a job stuck in a queue's intermediate list after a minute."""
 
 _RUN_AND_TAKE = """
--- Runs the commands in ARGV[2..] (each as its argument count, then its arguments), then,
--- unless ARGV[1] is empty, takes the first waiting job: KEYS are the worker's queues in the
--- order it serves them, then each one's intermediate list; ARGV[1] is the prefix of job
--- keys. The job's id moves to its queue's intermediate list, as RQ moves it for a worker
--- of one queue, and {queue number, job id, job hash} is returned. Ids whose job is gone
--- are dropped, as RQ drops them. All of it at once, like a MULTI.
-local i = 2
-while i <= #ARGV do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
+-- Runs the finish commands, then, unless ARGV[1] is empty, takes the first waiting job and
+-- starts it. KEYS are the worker's queues in the order it serves them. ARGV[1] is the prefix
+-- of job keys; ARGV[2] the index in ARGV where the start commands begin; ARGV[3] and ARGV[4]
+-- the stand-ins for the job id and the queue name in them; ARGV[5 ..] the names of the
+-- queues in KEYS, then the finish commands and the start commands, each as its argument
+-- count, then its arguments. The taken job's start commands run with the stand-ins replaced,
+-- and {queue number, job id, job hash} is returned. Ids whose job is gone are dropped, as RQ
+-- drops them. All of it at once, like a MULTI.
+local queues = #KEYS
+local first_start = tonumber(ARGV[2])
+local function run(from, to, swaps)
+  local i = from
+  while i < to do
+    local count = tonumber(ARGV[i])
+    if swaps then
+      local args = {}
+      for a = 1, count do
+        local value = ARGV[i + a]
+        for s = 1, #swaps, 2 do
+          local at = string.find(value, swaps[s], 1, true)
+          if at then
+            local parts, from_at = {}, 1
+            while at do
+              parts[#parts + 1] = string.sub(value, from_at, at - 1)
+              parts[#parts + 1] = swaps[s + 1]
+              from_at = at + #swaps[s]
+              at = string.find(value, swaps[s], from_at, true)
+            end
+            parts[#parts + 1] = string.sub(value, from_at)
+            value = table.concat(parts)
+          end
+        end
+        args[a] = value
+      end
+      redis.call(unpack(args))
+    else
+      redis.call(unpack(ARGV, i + 1, i + count))
+    end
+    i = i + count + 1
+  end
 end
+run(5 + queues, first_start, nil)
 if ARGV[1] == '' then return false end
-local queues = #KEYS / 2
 for q = 1, queues do
   while true do
     local id = redis.call('LPOP', KEYS[q])
     if not id then break end
-    local job = redis.call('HGETALL', ARGV[1] .. id)
-    if #job > 0 then
-      redis.call('RPUSH', KEYS[queues + q], id)
-      return {q, id, job}
+    local key = ARGV[1] .. id
+    if redis.call('EXISTS', key) == 1 then
+      run(first_start, #ARGV + 1, {ARGV[3], id, ARGV[4], ARGV[4 + q]})
+      return {q, id, redis.call('HGETALL', key)}
     end
   end
 end
@@ -120,8 +150,8 @@ class _Commands(CoreCommands):
         return self
 
 
-_Held = tuple[Queue, str, list[Any]]
-"""A job a take moved to its queue's intermediate list: the queue, the job id, the job hash."""
+_Held = tuple[Queue, str, list[Any], Execution, int]
+"""A job a take started: its queue, id and hash, its execution and that one's heartbeat TTL."""
 
 
 def maintenance_interval(settings: Settings) -> int:
@@ -139,9 +169,11 @@ def redelivery_bound(settings: Settings) -> float:
 
     A job's started-registry entry expires ``redelivery_timeout`` after its
     last heartbeat and the next maintenance pass, at most one interval later,
-    puts it back. A worker killed between taking a job and registering it
-    leaves it in RQ's intermediate list, which RQ recovers a minute after a
-    maintenance pass first sees it. One more interval covers
+    puts it back; a job taken with the last one's finish is registered in
+    the same call, so it is found the same way. A job RQ's own blocking
+    wait took for a worker of one queue, whose worker was killed before
+    registering it, is left in RQ's intermediate list, which RQ recovers a
+    minute after a maintenance pass first sees it. One more interval covers
     the queue wait of a job put back at the head of its queue.
     """
     interval = maintenance_interval(settings)
@@ -199,7 +231,13 @@ class _FeedfanWorkerMixin(BaseWorker):
         _retry_dropped_commands(self.connection)
         self._held: _Held | None = None
         self._looked = False  # the last finish looked for the next job: _held is what it found
+        self._started: _Held | None = None  # the held job, between its take and its run
         self._script = self.connection.register_script(_RUN_AND_TAKE)
+        # Start commands are recorded for a stand-in job, whose id and queue name the take
+        # replaces with the taken job's: RQ's own methods write them, as for any job.
+        token = uuid.uuid4().hex
+        self._stand_in = self.job_class(f"feedfan-taken-{token}", connection=self.connection)
+        self._stand_in.origin = f"feedfan-queue-{token}"
 
     # Settings ---------------------------------------------------------------
 
@@ -263,6 +301,8 @@ class _FeedfanWorkerMixin(BaseWorker):
         if pipeline is None and state == self._state_sent:
             self._state = state
             return
+        if pipeline is None and state == WorkerStatus.IDLE and self._held is not None:
+            return  # the job taken with the last finish is started: the worker stays busy
         super().set_state(state, pipeline=pipeline)
         self._state_sent = state if pipeline is None else None
 
@@ -287,10 +327,10 @@ class _FeedfanWorkerMixin(BaseWorker):
         self._suspension_checked = time.monotonic()
 
     def run_maintenance_tasks(self) -> None:
-        """RQ's maintenance, once the job taken with the last finish has started.
+        """RQ's maintenance, once the job taken with the last finish has run.
 
-        Until then that job waits in its queue's intermediate list, where
-        RQ's cleanup would take it for one stuck there.
+        That job is started already; a maintenance pass (a few round trips a
+        queue) would only delay it.
         """
         if not self._holding():
             super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
@@ -307,18 +347,20 @@ class _FeedfanWorkerMixin(BaseWorker):
     ) -> tuple[Job, Queue] | None:
         """The job taken with the last one's finish, or one waiting; else RQ's wait.
 
-        RQ pops a job id, then reads the job: two round trips. A worker of
-        several queues pops with LPOP/BLPOP, so a worker killed right after
-        its pop loses the job. Here a script moves the id of the first
-        waiting job, in the worker's queue order, to its queue's intermediate
-        list (as RQ does for a worker of one queue) and returns the job with
-        it, in the same call that finished the previous job; RQ's maintenance
-        finds it there if the worker dies before the job is registered. Only
-        when no job waits does RQ's own blocking wait run.
+        RQ pops a job id, reads the job, then records it started: three round
+        trips, and a worker of several queues pops with LPOP/BLPOP, so a
+        worker killed right after its pop loses the job. Here one script
+        call, the one that finished the previous job, pops the id of the
+        first waiting job in the worker's queue order, records it started
+        with the commands RQ's own methods write (execution record, started
+        registry, job status, worker busy) and returns the job hash: a worker
+        that dies after it leaves a started job, which maintenance delivers
+        again. Only when no job waits does RQ's own blocking wait run.
         """
         held, looked = self._held, self._looked
+        if held is None:  # a job taken with the last finish is started: the worker is busy
+            self.set_state(WorkerStatus.IDLE)
         self._held, self._looked = None, False
-        self.set_state(WorkerStatus.IDLE)
         self.heartbeat()
         while True:
             if not looked:  # not looked for with the last finish: look now
@@ -333,6 +375,7 @@ class _FeedfanWorkerMixin(BaseWorker):
             taken = self._taken(held)
             if taken is not None:
                 job, queue = taken
+                self._started = held
                 self.reorder_queues(reference_queue=queue)
                 version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
                 job.redis_server_version = version
@@ -343,38 +386,64 @@ class _FeedfanWorkerMixin(BaseWorker):
 
     def _send(self, commands: _Commands) -> None:
         """Send ``commands`` in one script call."""
-        self._call(commands, [])
+        self._call(commands, [], _Commands())
 
     def _send_and_take(self, commands: _Commands) -> _Held | None:
-        """Send ``commands`` and take the next waiting job, in one script call."""
+        """Send ``commands``, then take the next waiting job and start it, in one script call."""
+        start = _Commands()
+        pipe = cast(Any, start)
+        stand_in = self._stand_in
+        ttl = self.get_heartbeat_ttl(stand_in)
+        execution = Execution.create(stand_in, ttl, pipeline=pipe, worker_name=self.name)
+        self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        self.heartbeat(ttl, pipeline=pipe)
+        stand_in.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(stand_in.key)
         queues = list(self._ordered_queues)
-        reply = self._call(commands, queues)
+        reply = self._call(commands, queues, start)
         if not reply:
             return None  # no job waited
+        self._sent(WorkerStatus.BUSY)
         number, raw_id, fields = reply
-        return queues[int(number) - 1], as_text(raw_id), fields
+        execution.job_id = as_text(raw_id)
+        execution._job = None  # not the stand-in: RQ fetches the job when asked for it
+        return queues[int(number) - 1], execution.job_id, fields, execution, ttl
 
-    def _call(self, commands: _Commands, queues: list[Queue]) -> Any:
-        keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
-        args: list[Any] = [self.job_class.redis_job_namespace_prefix if queues else ""]
+    def _call(self, commands: _Commands, queues: list[Queue], start: _Commands) -> Any:
+        stand_in = self._stand_in
+        args: list[Any] = [self.job_class.redis_job_namespace_prefix if queues else "", 0]
+        args += [stand_in.id, stand_in.origin, *(q.name for q in queues)]
         for command in commands.commands:
             args.append(len(command))
             args.extend(command)
-        return self._script(keys=keys, args=args, client=self.connection)
+        args[1] = len(args) + 1  # ARGV counts from 1
+        for command in start.commands:
+            args.append(len(command))
+            args.extend(command)
+        return self._script(keys=[q.key for q in queues], args=args, client=self.connection)
 
     def _taken(self, held: _Held) -> tuple[Job, Queue] | None:
         """The job a take returned, or ``None`` if its hash does not load (it is refused)."""
-        queue, job_id, fields = held
+        queue, job_id, fields, execution, _ = held
         job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
         raw = dict(zip(fields[::2], fields[1::2], strict=True))
         try:
             job.restore(raw)
         except Exception as e:  # RQ's own dequeue would let this stop the worker
-            self._refuse_unreadable(queue, job.id, _unreadable_reason(raw, e))
+            self._refuse_unreadable(queue, job_id, _unreadable_reason(raw, e), execution)
             return None
         return job, queue
 
-    def _refuse_unreadable(self, queue: Queue, job_id: str, reason: str) -> None:
+    def _unstart(self, queue: Queue, job_id: str, execution: Execution, pipe: Any) -> None:
+        """Add to ``pipe`` what undoes a take's start of ``job_id``: its execution, busy state."""
+        job = self.job_class(job_id, connection=self.connection)
+        job.origin = queue.name
+        execution.delete(job, pipeline=pipe)
+        self._state_sent = None  # the take said BUSY; the next state is written whatever it is
+
+    def _refuse_unreadable(
+        self, queue: Queue, job_id: str, reason: str, execution: Execution
+    ) -> None:
         """Keep a job whose hash does not load in its queue's failed registry, with ``reason``."""
         logger.warning(
             "feedfan refused RQ job %s from queue %s: %s It is kept in that queue's failed job "
@@ -384,7 +453,7 @@ class _FeedfanWorkerMixin(BaseWorker):
             reason,
         )
         with self.connection.pipeline() as pipe:
-            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+            self._unstart(queue, job_id, execution, pipe)
             key = self.job_class.key_for(job_id)
             pipe.hset(
                 key,
@@ -398,25 +467,45 @@ class _FeedfanWorkerMixin(BaseWorker):
         return self._held is not None
 
     def _give_back(self) -> None:
-        """Put a job taken but not started back at the head of its queue."""
+        """Put a job taken but not run back at the head of its queue, queued as it was."""
         held, self._held, self._looked = self._held, None, False
         if held is None:
             return
-        queue, job_id, _ = held
+        queue, job_id, _, execution, _ = held
         with self.connection.pipeline() as pipe:
-            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+            self._unstart(queue, job_id, execution, pipe)
+            key = self.job_class.key_for(job_id)
+            pipe.hset(
+                key, mapping={"status": JobStatus.QUEUED, "started_at": "", "worker_name": ""}
+            )
             pipe.lpush(queue.key, job_id)
             pipe.execute()
 
     def prepare_execution(self, job: Job) -> Execution:
         """RQ's two start-of-job writes at once, in one script call, before the job runs.
 
+        A job taken by a finish or a take of feedfan's was started by that
+        call; only a heartbeat TTL other than the one it was started with
+        (a job with a time limit of its own) is written again. Otherwise:
         RQ records the execution (started registry, worker BUSY) in one
-        transaction and marks the job STARTED in the next: a worker killed
+        transaction and marks the job STARTED in the next, so a worker killed
         between the two left a registered job still QUEUED. Here both, with
         the job taken out of its intermediate list, are one; the work-horse
         of a forking worker then has nothing left to write.
         """
+        started, self._started = self._started, None
+        if started is not None and started[1] == job.id:
+            _, _, _, execution, ttl = started
+            execution._job = job  # as RQ's own workers set it
+            self.executions[execution.id] = execution
+            wanted = self.get_heartbeat_ttl(job)
+            if wanted != ttl:
+                with self.connection.pipeline() as pipe:
+                    execution.heartbeat(job.started_job_registry, wanted, pipeline=pipe)
+                    self.heartbeat(wanted, pipeline=pipe)
+                    pipe.execute()
+            self._started_job_id = job.id
+            return execution
         commands = _Commands()
         pipe = cast(Any, commands)
         ttl = self.get_heartbeat_ttl(job)
@@ -500,7 +589,8 @@ class _FeedfanWorkerMixin(BaseWorker):
             self._held, self._looked = self._send_and_take(commands), True
         else:
             self._send(commands)
-        self._sent(WorkerStatus.IDLE)
+        if self._held is None:
+            self._sent(WorkerStatus.IDLE)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job's entry lives without a heartbeat: ``redelivery_timeout``."""

@@ -433,6 +433,15 @@ def _runs_chunks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterato
         reset_runner()
 
 
+def _execution_keys(connection: Any, job_ids: list[str]) -> list[bytes]:
+    """RQ's execution records and execution registries of ``job_ids`` still in Redis."""
+    found: list[bytes] = []
+    for job_id in job_ids:
+        found += connection.keys(f"rq:execution:{job_id}:*")
+        found += connection.keys(f"rq:executions:{job_id}")
+    return found
+
+
 def _drain_counting(settings: Settings, dispatcher: RQDispatcher, count: int) -> int:
     """Queue ``count`` HIGH and ``count`` LOW chunks; the worker round trips to run them all."""
     dispatcher.enqueue_many(_chunks(count, per_priority=True))
@@ -444,7 +453,7 @@ def _drain_counting(settings: Settings, dispatcher: RQDispatcher, count: int) ->
     return client.round_trips
 
 
-def test_a_worker_of_both_queues_spends_two_round_trips_a_chunk(
+def test_a_worker_of_both_queues_spends_one_round_trip_a_chunk(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a feedfan worker of both queues, in this process, on a client that counts
@@ -453,15 +462,68 @@ def test_a_worker_of_both_queues_spends_two_round_trips_a_chunk(
     with _runs_chunks(settings, monkeypatch):
         few = _drain_counting(settings, dispatcher, 10)
         many = _drain_counting(settings, dispatcher, 50)
-    # Then each chunk cost it two round trips: start, and finish with the next one's take
+    # Then each chunk cost it one round trip: its finish, which takes and starts the next
     # (the chunk's own write is the runner's), and a heartbeat or suspension check now and then
-    assert many - few <= 2 * 80 + 4, (few, many)
-    # And RQ sees them as finished, none left running or stuck between queue and worker
+    assert many - few <= 80 + 4, (few, many)
+    # And RQ sees them as finished, none left running or stuck between queue and worker,
+    # no execution record left behind, and the worker idle with its counts right
     for priority in FanoutPriority:
         queue = dispatcher.rq_queue(priority)
         assert queue.started_job_registry.get_job_ids() == []
         assert len(queue.finished_job_registry.get_job_ids()) == 60
         assert dispatcher.connection.llen(queue.intermediate_queue_key) == 0
+        finished = queue.finished_job_registry.get_job_ids()
+        assert _execution_keys(dispatcher.connection, finished) == []
+
+
+def test_a_chunk_taken_with_a_finish_is_started_as_rq_starts_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two chunks waiting, and a worker (in this process) that has run the first
+    settings, _, dispatcher = _rq(harness)
+    first, second = _chunks(2)
+    dispatcher.enqueue_many([first, second])
+    connection = dispatcher.connection
+    # (the second asks for a time limit above redelivery_timeout, as RQ lets a job do)
+    connection.hset(f"rq:job:{second.task_id}", "timeout", settings.redelivery_timeout * 4)
+    queue = dispatcher.rq_queue(HIGH)
+    worker = FeedfanWorker([queue], connection=connection)
+    registry = queue.started_job_registry
+    with _runs_chunks(settings, monkeypatch):
+        worker.bootstrap()
+        try:
+            taken = worker.dequeue_job_and_maintain_ttl(None)
+            assert taken is not None and taken[0].id == first.task_id
+            worker.execute_job(*taken)
+            # When the finish has taken the second and the worker prepares to run it
+            job, _ = worker.dequeue_job_and_maintain_ttl(None) or (None, None)
+            assert job is not None and job.id == second.task_id
+            execution = worker.prepare_execution(job)
+            # Then it is recorded as RQ records a started job: status, worker, execution
+            # record, started registry entry (living as long as RQ gives a job with that
+            # time limit, not feedfan's default), worker index, and the worker is busy
+            fields = connection.hgetall(job.key)
+            assert fields[b"status"] == b"started"
+            assert fields[b"worker_name"] == worker.name.encode()
+            assert job.get_status(refresh=False) == JobStatus.STARTED and job.started_at
+            assert registry.get_job_ids() == [second.task_id]
+            entry = f"{second.task_id}:{execution.id}"
+            expires = connection.zscore(registry.key, entry)
+            ttl = worker.get_heartbeat_ttl(job)
+            assert ttl != settings.redelivery_timeout
+            assert expires is not None and abs(expires - (time.time() + ttl)) < 5, (expires, ttl)
+            assert connection.hget(execution.key, "job_id") == second.task_id.encode()
+            assert connection.sismember(execution.worker_executions_key, entry)
+            assert connection.hget(worker.key, "state") == b"busy"
+            current = worker.get_current_job()
+            assert current is not None and current.id == second.task_id
+            # And once run, nothing of it is left running
+            worker.perform_job(job, queue, execution)
+        finally:
+            worker.teardown()
+    assert registry.get_job_ids() == []
+    assert queue.finished_job_registry.get_job_ids() == [first.task_id, second.task_id]
+    assert _execution_keys(connection, [first.task_id, second.task_id]) == []
 
 
 def test_a_chunk_taken_with_the_last_finish_goes_back_when_the_worker_quits(
@@ -482,6 +544,15 @@ def test_a_chunk_taken_with_the_last_finish_goes_back_when_the_worker_quits(
     assert waiting == [c.task_id for c in chunks[1:]]
     assert dispatcher.connection.llen(queue.intermediate_queue_key) == 0
     assert queue.finished_job_registry.get_job_ids() == [chunks[0].task_id]
+    # And it is queued again as RQ would show it: not started, no execution left behind
+    assert queue.started_job_registry.get_job_ids() == []
+    fields = dispatcher.connection.hgetall(f"rq:job:{chunks[1].task_id}")
+    assert fields[b"status"] == b"queued" and not fields.get(b"started_at")
+    assert _execution_keys(dispatcher.connection, [c.task_id for c in chunks]) == []
+    # And a worker started later runs both
+    with _runs_chunks(settings, monkeypatch):
+        FeedfanWorker([queue], connection=dispatcher.connection).work(burst=True)
+    assert len(queue.finished_job_registry.get_job_ids()) == 3
 
 
 def test_a_job_whose_hash_does_not_load_is_kept_failed_and_the_worker_goes_on(
@@ -503,6 +574,9 @@ def test_a_job_whose_hash_does_not_load_is_kept_failed_and_the_worker_goes_on(
     kept = dispatcher.failed_messages()
     assert len(kept) == 1 and "created_at" in kept[0].reason and "yesterday" in kept[0].reason
     assert connection.llen(queue.intermediate_queue_key) == 0
+    # And it is not left looking started: no started entry, no execution record
+    assert queue.started_job_registry.get_job_ids() == []
+    assert _execution_keys(connection, [broken.task_id, good.task_id]) == []
 
 
 def test_rq_suspend_stops_a_busy_worker_within_a_second_holding_nothing(
