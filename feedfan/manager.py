@@ -86,6 +86,37 @@ def _pageable(ids: Iterable[ObjectId]) -> bool:
     return isinstance(ids, Sequence) and type(ids).__module__ not in _STDLIB_SEQUENCES
 
 
+class _Lookup:
+    """``get_user_follower_ids`` of one user, called at most once and only when needed.
+
+    Counting, choosing where planning starts and planning inline share it, so
+    a producer whose follower lookup is a query runs it once per fanout. What
+    it holds is never iterated before planning: counting takes lengths of
+    groups in memory, and a group that is not is left to planning.
+    """
+
+    def __init__(self, manager: Manager, user_id: ObjectId) -> None:
+        self._manager = manager
+        self._user_id = user_id
+        self._groups: dict[FanoutPriority, Iterable[ObjectId]] | None = None
+
+    def groups(self) -> dict[FanoutPriority, Iterable[ObjectId]]:
+        if self._groups is None:
+            found = self._manager.get_user_follower_ids(self._user_id)
+            self._groups = group_followers(found)
+        return self._groups
+
+
+def _count_in_memory(groups: Mapping[FanoutPriority, Iterable[ObjectId]]) -> int | None:
+    """How many followers ``groups`` hold, if every group is in memory; else ``None``."""
+    total = 0
+    for ids in groups.values():
+        if not isinstance(ids, _IN_MEMORY):
+            return None
+        total += len(ids)
+    return total
+
+
 def _may_hold_ids(ids: Iterable[ObjectId] | None) -> bool:
     """Whether a follower group may hold ids: not absent, nor known empty without reading it.
 
@@ -236,12 +267,7 @@ class Manager:
         load every id into the producer just to count them. Override it with
         a cheap count (one ``COUNT`` query) to let ``auto`` decide.
         """
-        total = 0
-        for ids in group_followers(self.get_user_follower_ids(user_id)).values():
-            if not isinstance(ids, _IN_MEMORY):
-                return None
-            total += len(ids)
-        return total
+        return _count_in_memory(group_followers(self.get_user_follower_ids(user_id)))
 
     # Feeds ----------------------------------------------------------------
 
@@ -324,7 +350,9 @@ class Manager:
         feeds = tuple(self.registered_feeds)
         activity_ids = [activity_id for activity_id, _ in entries]
         fanout_id = make_fanout_id(op, user_id, activity_ids, feeds)
-        first = self._background_start(user_id)
+        # One lookup of the followers in the producer, shared by counting and planning.
+        lookup = _Lookup(self, user_id)
+        first = self._background_start(user_id, lookup)
         if first is not None:
             plan = PlanTask(
                 op,
@@ -340,9 +368,9 @@ class Manager:
             return FanoutReceipt(
                 fanout_id, tuple(activity_ids), 0, 0, 0, 0, planned_in_background=True
             )
-        return self._plan_and_send(op, user_id, feeds, entries, fanout_id)
+        return self._plan_and_send(op, user_id, feeds, entries, fanout_id, lookup=lookup)
 
-    def _background_start(self, user_id: ObjectId) -> FanoutPriority | None:
+    def _background_start(self, user_id: ObjectId, lookup: _Lookup) -> FanoutPriority | None:
         """The group whose planning task a background fanout starts with; ``None``: inline.
 
         HIGH, unless ``auto`` finds the HIGH group empty in memory: then the
@@ -354,11 +382,13 @@ class Manager:
             return None
         if mode == "background":
             return FanoutPriority.HIGH
-        count = self.get_user_follower_count(user_id)
+        if type(self).get_user_follower_count is Manager.get_user_follower_count:
+            count = _count_in_memory(lookup.groups())  # the default, without a second lookup
+        else:
+            count = self.get_user_follower_count(user_id)
         if count is None or count < self.settings.planning_threshold:
             return None
-        groups = group_followers(self.get_user_follower_ids(user_id))
-        if not _may_hold_ids(groups.get(FanoutPriority.HIGH)):
+        if not _may_hold_ids(lookup.groups().get(FanoutPriority.HIGH)):
             return FanoutPriority.LOW
         return FanoutPriority.HIGH
 
@@ -371,8 +401,9 @@ class Manager:
         fanout_id: str,
         *,
         chunk_size: int | None = None,
+        lookup: _Lookup | None = None,
     ) -> FanoutReceipt:
-        groups = group_followers(self.get_user_follower_ids(user_id))
+        groups = (lookup or _Lookup(self, user_id)).groups()
         activity_ids = tuple(activity_id for activity_id, _ in entries)
         self.storage.begin_fanout(fanout_id, describe_fanout(op, user_id, activity_ids))
         # A retried planning starts clean; a failure is recorded again if it recurs.

@@ -497,3 +497,52 @@ def test_a_page_continuing_chunks_above_this_workers_cap_is_refused_naming_the_s
     with pytest.raises(PayloadError, match="above this worker's max_chunk_size=5"):
         manager.plan_in_worker(page)
     assert queue.sent == []
+
+
+class _Queried(Manager):
+    """Followers read by a query each call, counted; the default get_user_follower_count."""
+
+    def __init__(self, lookup: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lookup = lookup
+        self.queries = 0
+
+    def get_user_follower_ids(self, user_id: ObjectId) -> dict[FanoutPriority, Any]:
+        self.queries += 1
+        result: dict[FanoutPriority, Any] = self.lookup()
+        return result
+
+
+@pytest.mark.parametrize(
+    ("lookup", "background", "chunks"),
+    [
+        # in memory, under the threshold: planned inline
+        (lambda: {HIGH: [1, 2, 3], LOW: [4, 5, 6, 7]}, False, 2),
+        # in memory, over it: one planning task
+        (lambda: {HIGH: [], LOW: list(range(50))}, True, 0),
+        # a cursor, read once: not counted, planned inline
+        (lambda: {HIGH: (f for f in "ab"), LOW: (f for f in "c" * 30)}, False, 4),
+    ],
+    ids=["in-memory-inline", "in-memory-background", "cursor-inline"],
+)
+def test_auto_reads_the_followers_once_in_the_producer(
+    lookup: Any, background: bool, chunks: int
+) -> None:
+    # Given a manager on auto whose follower lookup is a query, counted by the default count
+    manager = _Queried(
+        lookup,
+        dispatcher="eager",
+        storage=MemoryStorage(),
+        planning="auto",
+        planning_threshold=10,
+        fanout_chunk_size=10,
+    )
+    queue = _Queue(manager.settings, runner=manager.runner)
+    manager.dispatcher = queue
+    # When an activity is added
+    receipt = manager.add_user_activity("author", _pin())
+    # Then the producer ran the query once, whether it planned inline or sent a planning
+    # task, and every follower is in a chunk
+    assert manager.queries == 1
+    assert receipt.planned_in_background is background
+    assert len([t for t in queue.sent if isinstance(t, ChunkTask)]) == chunks == receipt.chunks
