@@ -87,9 +87,12 @@ def _pending_writes(
     return pending * chunk_size * len(manager.registered_feeds)
 
 
-def _enqueue_backlog(manager: Manager, run: Run, tag: str, receipts: list[FanoutReceipt]) -> float:
+def _enqueue_backlog(
+    manager: Manager, run: Run, tag: str, receipts: list[FanoutReceipt], writes: int
+) -> float:
+    """Queue LOW fanouts of ``plan.backlog_fanout`` followers holding at least ``writes``."""
     plan = run.plan
-    fanouts = max(1, -(-plan.backlog_writes // plan.backlog_fanout))
+    fanouts = max(1, -(-writes // plan.backlog_fanout))
     total = 0.0
     with Progress("queue LOW backlog", total=fanouts) as bar:
         for number in range(fanouts):
@@ -135,7 +138,14 @@ def _layout(backend: Backend, run: Run, name: str, chunk_size: int) -> dict[str,
         receipts: list[FanoutReceipt] = []
         for repeat in range(plan.priority_repeats):
             with _held(pool, manager):
-                enqueue_s = _enqueue_backlog(manager, run, f"load{name}{repeat}", receipts)
+                # Every HIGH fanout waits behind the same backlog: the first is queued
+                # whole, later ones only top up what the workers wrote since.
+                waiting = _pending_writes(manager, receipts, chunk_size, plan.backlog_fanout)
+                enqueue_s = 0.0
+                if waiting < plan.backlog_writes:
+                    tag = f"load{name}{repeat}"
+                    missing = plan.backlog_writes - waiting
+                    enqueue_s = _enqueue_backlog(manager, run, tag, receipts, missing)
                 queued = _pending_writes(manager, receipts, chunk_size, plan.backlog_fanout)
             result = measure_fanout(
                 manager,

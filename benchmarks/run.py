@@ -37,7 +37,8 @@ class Plan:
     backlog_writes: int = 1_000_000
     backlog_fanout: int = 100_000
     high_followers: int = 1_000
-    priority_repeats: int = 3
+    priority_repeats: int = 5
+    """HIGH fanouts timed per layout, idle and loaded (the median of each counts)."""
     dispatch_counts: tuple[int, ...] = (1_000, 10_000)
     dispatch_followers: int = 100
     baseline_batch: int = 1_000
@@ -70,7 +71,7 @@ def plan_for(mode: str, **overrides: Any) -> Plan:
             backlog_writes=6_000,
             backlog_fanout=2_000,
             high_followers=100,
-            priority_repeats=1,
+            priority_repeats=2,
             dispatch_counts=(100, 300),
             peer=False,
         )
@@ -82,6 +83,7 @@ def plan_for(mode: str, **overrides: Any) -> Plan:
             repeats=1,
             backlog_writes=500_000,
             backlog_fanout=50_000,
+            priority_repeats=3,
             dispatch_counts=(1_000,),
         )
     elif mode == "full":
