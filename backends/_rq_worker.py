@@ -23,6 +23,7 @@ own methods write; see docs/rq.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -35,8 +36,8 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import CoreCommands
 from redis.exceptions import WatchError
 from redis.retry import Retry
-from rq.defaults import DEFAULT_FAILURE_TTL
-from rq.exceptions import DeserializationError, NoSuchJobError
+from rq.defaults import DEFAULT_FAILURE_TTL, RQ_KEY_PREFIX
+from rq.exceptions import DeserializationError, NoSuchJobError, StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -75,15 +76,27 @@ _INTERMEDIATE_GRACE = 60
 
 _RUN_AND_TAKE = """
 -- Runs the finish commands, then, unless ARGV[1] is empty, takes the first waiting job and
--- starts it. KEYS are the worker's queues in the order it serves them. ARGV[1] is the prefix
--- of job keys; ARGV[2] the index in ARGV where the start commands begin; ARGV[3] and ARGV[4]
--- the stand-ins for the job id and the queue name in them; ARGV[5 ..] the names of the
--- queues in KEYS, then the finish commands and the start commands, each as its argument
--- count, then its arguments. The taken job's start commands run with the stand-ins replaced,
--- and {queue number, job id, job hash} is returned. Ids whose job is gone are dropped, as RQ
--- drops them. All of it at once, like a MULTI.
-local queues = #KEYS
+-- starts it. KEYS are the worker's queues in the order it serves them, then a key naming
+-- this call. ARGV[1] is the prefix of job keys; ARGV[2] the index in ARGV where the start
+-- commands begin; ARGV[3] and ARGV[4] the stand-ins for the job id and the queue name in
+-- them; ARGV[5 ..] the names of the queues in KEYS, then the finish commands and the start
+-- commands, each as its argument count, then its arguments. The taken job's start commands
+-- run with the stand-ins replaced, and {queue number, job id, job hash} is returned. Ids
+-- whose job is gone are dropped, as RQ drops them. All of it at once, like a MULTI. A call
+-- sent again after its reply was lost (a client retrying on a dropped connection) finds
+-- its own key and returns what it took the first time, running nothing twice.
+local queues = #KEYS - 1
 local first_start = tonumber(ARGV[2])
+local call = KEYS[#KEYS]
+if ARGV[1] ~= '' then
+  local earlier = redis.call('GET', call)
+  if earlier then
+    if earlier == '' then return false end
+    local at = string.find(earlier, ':', 1, true)
+    local id = string.sub(earlier, at + 1)
+    return {tonumber(string.sub(earlier, 1, at - 1)), id, redis.call('HGETALL', ARGV[1] .. id)}
+  end
+end
 local function run(from, to, swaps)
   local i = from
   while i < to do
@@ -124,10 +137,12 @@ for q = 1, queues do
     local key = ARGV[1] .. id
     if redis.call('EXISTS', key) == 1 then
       run(first_start, #ARGV + 1, {ARGV[3], id, ARGV[4], ARGV[4 + q]})
+      redis.call('SET', call, q .. ':' .. id, 'EX', 600)
       return {q, id, redis.call('HGETALL', key)}
     end
   end
 end
+redis.call('SET', call, '', 'EX', 600)
 return false
 """
 
@@ -238,6 +253,8 @@ class _FeedfanWorkerMixin(BaseWorker):
         token = uuid.uuid4().hex
         self._stand_in = self.job_class(f"feedfan-taken-{token}", connection=self.connection)
         self._stand_in.origin = f"feedfan-queue-{token}"
+        self._calls_prefix = f"{RQ_KEY_PREFIX}:feedfan:take:"
+        self._last_call_key = ""
 
     # Settings ---------------------------------------------------------------
 
@@ -303,6 +320,8 @@ class _FeedfanWorkerMixin(BaseWorker):
             return
         if pipeline is None and state == WorkerStatus.IDLE and self._held is not None:
             return  # the job taken with the last finish is started: the worker stays busy
+        if state == WorkerStatus.SUSPENDED:
+            self._give_back()  # `rq suspend` came after feedfan's own check: hold nothing
         super().set_state(state, pipeline=pipeline)
         self._state_sent = state if pipeline is None else None
 
@@ -336,8 +355,11 @@ class _FeedfanWorkerMixin(BaseWorker):
             super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
 
     def teardown(self) -> None:
-        """Put back a job taken but not started, then RQ's teardown."""
+        """Put back a job taken but not run, then RQ's teardown."""
         self._give_back()
+        if self._last_call_key:
+            with contextlib.suppress(redis_errors.RedisError):
+                self.connection.delete(self._last_call_key)
         super().teardown()  # type: ignore[no-untyped-call]
 
     # Taking, starting and finishing a job -------------------------------------
@@ -360,8 +382,9 @@ class _FeedfanWorkerMixin(BaseWorker):
         held, looked = self._held, self._looked
         if held is None:  # a job taken with the last finish is started: the worker is busy
             self.set_state(WorkerStatus.IDLE)
-        self._held, self._looked = None, False
         self.heartbeat()
+        # Until here teardown gives the held job back, should the heartbeat fail.
+        self._held, self._looked = None, False
         while True:
             if not looked:  # not looked for with the last finish: look now
                 if self.should_run_maintenance_tasks:
@@ -382,11 +405,13 @@ class _FeedfanWorkerMixin(BaseWorker):
                 self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
                 return job, queue
             looked = False
+        if self._stop_requested:  # asked during a take: RQ's wait would not look
+            raise StopRequested()
         return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def _send(self, commands: _Commands) -> None:
         """Send ``commands`` in one script call."""
-        self._call(commands, [], _Commands())
+        self._call(commands, [], _Commands(), "")
 
     def _send_and_take(self, commands: _Commands) -> _Held | None:
         """Send ``commands``, then take the next waiting job and start it, in one script call."""
@@ -394,22 +419,35 @@ class _FeedfanWorkerMixin(BaseWorker):
         pipe = cast(Any, start)
         stand_in = self._stand_in
         ttl = self.get_heartbeat_ttl(stand_in)
+        # RQ's methods also set the worker's own state and heartbeat time, which hold only
+        # if a job is taken: a SIGTERM seeing BUSY while none is would not stop the worker.
+        state, last_heartbeat = self.get_state(), self.last_heartbeat
         execution = Execution.create(stand_in, ttl, pipeline=pipe, worker_name=self.name)
         self.set_state(WorkerStatus.BUSY, pipeline=pipe)
         self.heartbeat(ttl, pipeline=pipe)
+        started_heartbeat = self.last_heartbeat
+        self._state, self.last_heartbeat = state, last_heartbeat
         stand_in.prepare_for_execution(self.name, pipeline=pipe)
         pipe.persist(stand_in.key)
         queues = list(self._ordered_queues)
-        reply = self._call(commands, queues, start)
+        # Each take leaves a key naming it; the next one deletes it: its reply came back.
+        call_key = f"{self._calls_prefix}{execution.id}"
+        if self._last_call_key:
+            cast(Any, commands).delete(self._last_call_key)
+        reply = self._call(commands, queues, start, call_key)
+        self._last_call_key = call_key
         if not reply:
             return None  # no job waited
+        self._state, self.last_heartbeat = WorkerStatus.BUSY, started_heartbeat
         self._sent(WorkerStatus.BUSY)
         number, raw_id, fields = reply
         execution.job_id = as_text(raw_id)
         execution._job = None  # not the stand-in: RQ fetches the job when asked for it
         return queues[int(number) - 1], execution.job_id, fields, execution, ttl
 
-    def _call(self, commands: _Commands, queues: list[Queue], start: _Commands) -> Any:
+    def _call(
+        self, commands: _Commands, queues: list[Queue], start: _Commands, call_key: str
+    ) -> Any:
         stand_in = self._stand_in
         args: list[Any] = [self.job_class.redis_job_namespace_prefix if queues else "", 0]
         args += [stand_in.id, stand_in.origin, *(q.name for q in queues)]
@@ -420,7 +458,8 @@ class _FeedfanWorkerMixin(BaseWorker):
         for command in start.commands:
             args.append(len(command))
             args.extend(command)
-        return self._script(keys=[q.key for q in queues], args=args, client=self.connection)
+        keys = [q.key for q in queues] + [call_key or self._calls_prefix]
+        return self._script(keys=keys, args=args, client=self.connection)
 
     def _taken(self, held: _Held) -> tuple[Job, Queue] | None:
         """The job a take returned, or ``None`` if its hash does not load (it is refused)."""

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 import redis
+from rq.exceptions import StopRequested
 from rq.job import JobStatus
 from rq.queue import Queue
-from rq.worker import Worker
+from rq.worker import Worker, WorkerStatus
 
 from feedfan.activity import Activity
 from feedfan.backends._rq_jobs import FeedfanJob, JSONJobSerializer, failure_reason
@@ -466,7 +467,7 @@ def test_a_worker_of_both_queues_spends_one_round_trip_a_chunk(
     # (the chunk's own write is the runner's), and a heartbeat or suspension check now and then
     assert many - few <= 80 + 4, (few, many)
     # And RQ sees them as finished, none left running or stuck between queue and worker,
-    # no execution record left behind, and the worker idle with its counts right
+    # and no execution record is left behind
     for priority in FanoutPriority:
         queue = dispatcher.rq_queue(priority)
         assert queue.started_job_registry.get_job_ids() == []
@@ -495,13 +496,19 @@ def test_a_chunk_taken_with_a_finish_is_started_as_rq_starts_it(
             taken = worker.dequeue_job_and_maintain_ttl(None)
             assert taken is not None and taken[0].id == first.task_id
             worker.execute_job(*taken)
-            # When the finish has taken the second and the worker prepares to run it
+            # When the first one's finish has taken the second
             job, _ = worker.dequeue_job_and_maintain_ttl(None) or (None, None)
             assert job is not None and job.id == second.task_id
+            # Then that call started it already: status, started registry, worker busy
+            registered = registry.get_job_ids()
+            status = connection.hget(job.key, "status")
+            state = connection.hget(worker.key, "state")
+            assert (registered, status, state) == ([second.task_id], b"started", b"busy")
+            # And when the worker prepares to run it
             execution = worker.prepare_execution(job)
             # Then it is recorded as RQ records a started job: status, worker, execution
             # record, started registry entry (living as long as RQ gives a job with that
-            # time limit, not feedfan's default), worker index, and the worker is busy
+            # time limit, not feedfan's default), worker index, the worker busy
             fields = connection.hgetall(job.key)
             assert fields[b"status"] == b"started"
             assert fields[b"worker_name"] == worker.name.encode()
@@ -524,6 +531,106 @@ def test_a_chunk_taken_with_a_finish_is_started_as_rq_starts_it(
     assert registry.get_job_ids() == []
     assert queue.finished_job_registry.get_job_ids() == [first.task_id, second.task_id]
     assert _execution_keys(connection, [first.task_id, second.task_id]) == []
+
+
+class ReplyLosingRedis(redis.Redis):
+    """A client whose connection drops once right after Redis ran a take: the reply is lost."""
+
+    lost = 0
+
+    def _send_command_parse_response(
+        self, conn: Any, command_name: str, *args: Any, **o: Any
+    ) -> Any:
+        reply = super()._send_command_parse_response(conn, command_name, *args, **o)  # type: ignore[no-untyped-call]
+        if command_name == "EVALSHA" and reply and not self.lost and isinstance(reply, list):
+            self.lost += 1
+            raise redis.ConnectionError("connection reset by peer (simulated, after the reply)")
+        return reply
+
+
+def test_a_take_whose_reply_was_lost_and_sent_again_runs_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given four chunks waiting, and a worker whose client loses the reply of a call that
+    # finished one chunk and took the next, then sends it again as redis-py does
+    settings, _, dispatcher = _rq(harness)
+    chunks = _chunks(4)
+    dispatcher.enqueue_many(chunks)
+    queue = dispatcher.rq_queue(HIGH)
+    calls_before = set(dispatcher.connection.keys("rq:feedfan:take:*"))
+    client = ReplyLosingRedis(
+        connection_pool=redis.ConnectionPool.from_url(settings.effective_broker_url)
+    )
+    worker = FeedfanWorker([dispatcher.rq_queue(HIGH)], connection=client)
+    # When it drains the queue
+    with _runs_chunks(settings, monkeypatch):
+        worker.work(burst=True)
+    # Then a reply was lost, yet every chunk ran once and finished: none was taken twice,
+    # none was left started with nobody to run it, and the finish was counted once each
+    assert client.lost == 1
+    assert sorted(queue.finished_job_registry.get_job_ids()) == sorted(c.task_id for c in chunks)
+    assert queue.started_job_registry.get_job_ids() == []
+    assert dispatcher.queue_depth(HIGH) == 0
+    assert _execution_keys(dispatcher.connection, [c.task_id for c in chunks]) == []
+    assert dispatcher.connection.hget(worker.key, "successful_job_count") == b"4"
+    # And the worker left none of the keys naming its calls behind
+    assert set(dispatcher.connection.keys("rq:feedfan:take:*")) <= calls_before
+
+
+def test_a_sigterm_during_a_take_that_finds_nothing_stops_the_idle_worker(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a feedfan worker of an empty queue, and a SIGTERM that arrives while its take
+    # (the script call looking for a job) is on its way
+    settings, _, dispatcher = _rq(harness)
+    worker = FeedfanWorker([dispatcher.rq_queue(HIGH)], connection=dispatcher.connection)
+    script = worker._script
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        worker.request_stop(signal.SIGTERM, None)
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "_script", signalled)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with _runs_chunks(settings, monkeypatch):
+        worker.bootstrap()
+        try:
+            # When it looks for a job, ready to wait five seconds for one
+            started = time.monotonic()
+            # Then it stops at once, as RQ stops an idle worker, instead of waiting
+            with pytest.raises(StopRequested):
+                worker.dequeue_job_and_maintain_ttl(5, max_idle_time=5)
+            assert time.monotonic() - started < 2
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            worker.teardown()
+
+
+def test_a_chunk_held_when_rq_suspends_the_worker_goes_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker that ran one chunk, whose finish took and started the next
+    settings, _, dispatcher = _rq(harness)
+    first, second = _chunks(2)
+    dispatcher.enqueue_many([first, second])
+    queue = dispatcher.rq_queue(HIGH)
+    worker = FeedfanWorker([queue], connection=dispatcher.connection)
+    with _runs_chunks(settings, monkeypatch):
+        worker.bootstrap()
+        try:
+            taken = worker.dequeue_job_and_maintain_ttl(None)
+            assert taken is not None
+            worker.execute_job(*taken)
+            assert queue.started_job_registry.get_job_ids() == [second.task_id]
+            # When RQ marks it suspended (`rq suspend` seen by RQ's own check)
+            worker.set_state(WorkerStatus.SUSPENDED)
+            # Then the held chunk is back at the head of its queue, not started
+            assert dispatcher.connection.lrange(queue.key, 0, -1) == [second.task_id.encode()]
+            assert queue.started_job_registry.get_job_ids() == []
+            assert dispatcher.connection.hget(f"rq:job:{second.task_id}", "status") == b"queued"
+        finally:
+            worker.teardown()
 
 
 def test_a_chunk_taken_with_the_last_finish_goes_back_when_the_worker_quits(
