@@ -222,6 +222,14 @@ def shared_ratio(section: dict[str, Any]) -> float | None:
     return float(value) if value is not None else None
 
 
+def dedicated_ratio(section: dict[str, Any]) -> float | None:
+    """Loaded over idle time of the dedicated-HIGH-worker layout in one priority section."""
+    for layout in section.get("layouts", []):
+        if layout.get("layout") == "dedicated" and layout.get("loaded_over_idle") is not None:
+            return float(layout["loaded_over_idle"])
+    return None
+
+
 def _smaller_size(sweep: dict[str, Any], chunk_size: int) -> dict[str, Any] | None:
     points = [
         p
@@ -272,15 +280,55 @@ def verify_priority(
             f"{smaller['chunk_size']}"
         )
         size = smaller["chunk_size"]
-        current.update(
-            chunk_size=size,
-            writes_per_s=smaller["writes_per_s"],
-            end_to_end_s=smaller["end_to_end_s"],
-            first_follower_s=smaller.get("first_follower_s"),
-            task_seconds=round(_task_seconds(smaller, concurrency), 4),
-        )
+        _move_to(current, smaller, concurrency)
+    _prefer_dedicated(current, reasons, sweep, sections, concurrency)
     current["reasons"] = reasons
     return current, sections
+
+
+def _move_to(current: dict[str, Any], point: dict[str, Any], concurrency: int) -> None:
+    """Make ``current`` recommend the sweep ``point``'s chunk size, with its figures."""
+    current.update(
+        chunk_size=point["chunk_size"],
+        writes_per_s=point["writes_per_s"],
+        end_to_end_s=point["end_to_end_s"],
+        first_follower_s=point.get("first_follower_s"),
+        task_seconds=round(_task_seconds(point, concurrency), 4),
+    )
+
+
+def _prefer_dedicated(
+    current: dict[str, Any],
+    reasons: list[str],
+    sweep: dict[str, Any],
+    sections: list[dict[str, Any]],
+    concurrency: int,
+) -> None:
+    """Where one worker for both queues misses the bound at every size, judge a dedicated one.
+
+    Stepping down cannot help a broker that hands a worker of both queues
+    LOW tasks ahead of waiting HIGH ones (Celery on RabbitMQ): the largest
+    size measured whose HIGH fanouts keep the bound with a dedicated HIGH
+    worker is recommended for that layout instead, and the reason says so.
+    """
+    ratios = [shared_ratio(s) for s in sections]
+    if not ratios or any(r is None or r <= PRIORITY_BOUND for r in ratios):
+        return
+    points = {p["chunk_size"]: p for p in sweep.get("points", []) if p.get("ok")}
+    for section in sections:  # largest first, as measured
+        ratio = dedicated_ratio(section)
+        point = points.get(section["chunk_size"])
+        if ratio is not None and ratio <= PRIORITY_BOUND and point is not None:
+            _move_to(current, point, concurrency)
+            current["layout"] = "dedicated"
+            reasons.append(
+                f"priority, measured: no size tried keeps HIGH fanouts within the "
+                f"{PRIORITY_BOUND:g}x bound with one worker serving both queues; with a "
+                f"dedicated HIGH worker (`feedfan worker --priority high` beside "
+                f"`--priority low`) {section['chunk_size']} did ({ratio:.2f}x): recommended "
+                "with that layout"
+            )
+            return
 
 
 def _section_error(section: dict[str, Any]) -> str:

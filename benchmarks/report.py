@@ -136,7 +136,8 @@ def _sweep_text(results: dict[str, Any]) -> str:
 def _recommendations_text(results: dict[str, Any]) -> str:
     out = ["Recommended fanout_chunk_size"]
     for label, rec in results.get("recommendations", {}).items():
-        out.append(f"  {label}: {rec.get('chunk_size') or 'none'}")
+        layout = " (with a dedicated HIGH worker)" if rec.get("layout") == "dedicated" else ""
+        out.append(f"  {label}: {rec.get('chunk_size') or 'none'}{layout}")
         out.extend(f"    - {reason}" for reason in rec.get("reasons", []))
     return "\n".join(out) + "\n"
 

@@ -196,11 +196,16 @@ def test_a_chunk_that_would_hold_up_high_fanouts_is_not_recommended() -> None:
     assert "too long: 5000" in " ".join(recommendation["reasons"])
 
 
-def _priority_section(chunk: int, ratio: float | None) -> dict[str, Any]:
+def _priority_section(
+    chunk: int, ratio: float | None, dedicated: float | None = None
+) -> dict[str, Any]:
     shared = {"layout": "shared", "loaded_over_idle": ratio}
     if ratio is None:
         shared["error"] = "TimeoutError: fanout not complete"
-    return {"chunk_size": chunk, "layouts": [shared, {"layout": "dedicated"}]}
+    return {
+        "chunk_size": chunk,
+        "layouts": [shared, {"layout": "dedicated", "loaded_over_idle": dedicated}],
+    }
 
 
 def test_a_size_whose_high_fanouts_wait_too_long_under_load_is_stepped_down() -> None:
@@ -286,3 +291,29 @@ def test_a_missed_target_says_by_how_much() -> None:
     stream = by_name[">= 20x Stream Framework writes/s at the recommended chunk size"]
     assert stream["met"] is None
     assert "no Stream Framework baseline" in stream["note"]
+
+
+def test_when_no_size_keeps_the_bound_with_one_worker_a_dedicated_high_worker_decides() -> None:
+    # Given HIGH fanouts over the bound at every size with one worker for both queues
+    # (Celery on RabbitMQ), and within it at 250 and 100 with a dedicated HIGH worker
+    sweep = _sweep(_point(50, 60_000, 0.05), _point(100, 100_000, 0.05), _point(250, 150_000, 0.05))
+    recommendation = {"chunk_size": 250, "reasons": []}
+    dedicated = {250: 1.3, 100: 1.2}
+
+    def measure(chunk: int) -> dict[str, Any]:
+        return _priority_section(chunk, 2.5, dedicated[chunk])
+
+    # When priority is verified
+    verified, sections = verify_priority(recommendation, sweep, measure)
+    # Then the largest size the dedicated layout keeps within the bound is recommended,
+    # for that layout, and the reasons say to run a dedicated HIGH worker
+    assert [s["chunk_size"] for s in sections] == [250, 100]
+    assert verified["chunk_size"] == 250 and verified["writes_per_s"] == 150_000
+    assert verified["layout"] == "dedicated"
+    assert "--priority high" in verified["reasons"][-1]
+    assert "1.30x" in verified["reasons"][-1]
+    # And where the dedicated layout misses too, the smallest size stays, for one worker
+    verified, _ = verify_priority(
+        recommendation, sweep, lambda chunk: _priority_section(chunk, 2.5, 2.4)
+    )
+    assert verified["chunk_size"] == 100 and verified.get("layout", "shared") == "shared"
