@@ -387,6 +387,8 @@ class _FeedfanWorkerMixin(BaseWorker):
         self._held, self._looked = None, False
         while True:
             if not looked:  # not looked for with the last finish: look now
+                if self._stop_requested:  # asked while the last take was on its way
+                    raise StopRequested()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 try:
@@ -419,14 +421,15 @@ class _FeedfanWorkerMixin(BaseWorker):
         pipe = cast(Any, start)
         stand_in = self._stand_in
         ttl = self.get_heartbeat_ttl(stand_in)
-        # RQ's methods also set the worker's own state and heartbeat time, which hold only
-        # if a job is taken: a SIGTERM seeing BUSY while none is would not stop the worker.
+        # RQ's methods also set the worker's own state and heartbeat time. The heartbeat
+        # holds only if a job is taken. The state stays BUSY while the call is on its way:
+        # a SIGTERM then marks a stop (RQ raises out of the call for an idle worker, leaving
+        # a job it took unrun), and a take that found nothing restores it, and stops.
         state, last_heartbeat = self.get_state(), self.last_heartbeat
         execution = Execution.create(stand_in, ttl, pipeline=pipe, worker_name=self.name)
         self.set_state(WorkerStatus.BUSY, pipeline=pipe)
         self.heartbeat(ttl, pipeline=pipe)
-        started_heartbeat = self.last_heartbeat
-        self._state, self.last_heartbeat = state, last_heartbeat
+        started_heartbeat, self.last_heartbeat = self.last_heartbeat, last_heartbeat
         stand_in.prepare_for_execution(self.name, pipeline=pipe)
         pipe.persist(stand_in.key)
         queues = list(self._ordered_queues)
@@ -434,11 +437,16 @@ class _FeedfanWorkerMixin(BaseWorker):
         call_key = f"{self._calls_prefix}{execution.id}"
         if self._last_call_key:
             cast(Any, commands).delete(self._last_call_key)
-        reply = self._call(commands, queues, start, call_key)
-        self._last_call_key = call_key
+        self._last_call_key = call_key  # (should the reply be lost, the next take deletes it)
+        reply = None
+        try:
+            reply = self._call(commands, queues, start, call_key)
+        finally:
+            if not reply:
+                self._state = state
         if not reply:
             return None  # no job waited
-        self._state, self.last_heartbeat = WorkerStatus.BUSY, started_heartbeat
+        self.last_heartbeat = started_heartbeat
         self._sent(WorkerStatus.BUSY)
         number, raw_id, fields = reply
         execution.job_id = as_text(raw_id)
@@ -621,7 +629,9 @@ class _FeedfanWorkerMixin(BaseWorker):
         if self._is_horse:  # its parent says IDLE and takes the next job itself
             self._send(commands)
             return
+        busy = self.get_state()
         self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+        self._state = busy  # until the call is back: a SIGTERM meanwhile marks a stop
         # The next job comes in the same call, unless the worker stops or maintenance is due.
         take = not self._stop_requested and not self.should_run_maintenance_tasks
         if take:
@@ -629,6 +639,7 @@ class _FeedfanWorkerMixin(BaseWorker):
         else:
             self._send(commands)
         if self._held is None:
+            self._state = WorkerStatus.IDLE
             self._sent(WorkerStatus.IDLE)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:

@@ -534,17 +534,24 @@ def test_a_chunk_taken_with_a_finish_is_started_as_rq_starts_it(
 
 
 class ReplyLosingRedis(redis.Redis):
-    """A client whose connection drops once right after Redis ran a take: the reply is lost."""
+    """A client whose connection drops once, right after Redis ran the second take.
+
+    The second take comes with the first chunk's finish, so what is lost is the
+    reply of a call that finished one chunk and took the next.
+    """
 
     lost = 0
+    takes = 0
 
     def _send_command_parse_response(
-        self, conn: Any, command_name: str, *args: Any, **o: Any
+        self, conn: Any, command_name: str, *args: Any, **options: Any
     ) -> Any:
-        reply = super()._send_command_parse_response(conn, command_name, *args, **o)  # type: ignore[no-untyped-call]
-        if command_name == "EVALSHA" and reply and not self.lost and isinstance(reply, list):
-            self.lost += 1
-            raise redis.ConnectionError("connection reset by peer (simulated, after the reply)")
+        reply = super()._send_command_parse_response(conn, command_name, *args, **options)  # type: ignore[no-untyped-call]
+        if command_name == "EVALSHA" and isinstance(reply, list):
+            self.takes += 1
+            if self.takes == 2 and not self.lost:
+                self.lost += 1
+                raise redis.ConnectionError("connection reset by peer (simulated, reply lost)")
         return reply
 
 
