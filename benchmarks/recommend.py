@@ -210,24 +210,30 @@ def recommend(sweep: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _layout(section: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The part of a priority section run with worker layout ``name``, if it was run."""
+    layouts = (section or {}).get("layouts", [])
+    return next((layout for layout in layouts if layout.get("layout") == name), None)
+
+
 def _shared_layout(section: dict[str, Any] | None) -> dict[str, Any] | None:
     """The default worker layout's part of a priority section, if it was run."""
-    layouts = (section or {}).get("layouts", [])
-    return next((layout for layout in layouts if layout.get("layout") == "shared"), None)
+    return _layout(section, "shared")
+
+
+def _ratio(section: dict[str, Any], name: str) -> float | None:
+    value = (_layout(section, name) or {}).get("loaded_over_idle")
+    return float(value) if value is not None else None
 
 
 def shared_ratio(section: dict[str, Any]) -> float | None:
     """Loaded over idle time of the default worker layout in one priority section."""
-    value = (_shared_layout(section) or {}).get("loaded_over_idle")
-    return float(value) if value is not None else None
+    return _ratio(section, "shared")
 
 
 def dedicated_ratio(section: dict[str, Any]) -> float | None:
     """Loaded over idle time of the dedicated-HIGH-worker layout in one priority section."""
-    for layout in section.get("layouts", []):
-        if layout.get("layout") == "dedicated" and layout.get("loaded_over_idle") is not None:
-            return float(layout["loaded_over_idle"])
-    return None
+    return _ratio(section, "dedicated")
 
 
 def _smaller_size(sweep: dict[str, Any], chunk_size: int) -> dict[str, Any] | None:
