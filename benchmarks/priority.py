@@ -139,14 +139,18 @@ def _layout(backend: Backend, run: Run, name: str, chunk_size: int) -> dict[str,
         for repeat in range(plan.priority_repeats):
             with _held(pool, manager):
                 # Every HIGH fanout waits behind the same backlog: the first is queued
-                # whole, later ones only top up what the workers wrote since.
-                waiting = _pending_writes(manager, receipts, chunk_size, plan.backlog_fanout)
-                enqueue_s = 0.0
-                if waiting < plan.backlog_writes:
-                    tag = f"load{name}{repeat}"
-                    missing = plan.backlog_writes - waiting
-                    enqueue_s = _enqueue_backlog(manager, run, tag, receipts, missing)
+                # whole, later ones only top up what the workers wrote since. Counted
+                # again after each top-up: a write that ran meanwhile (a worker still
+                # finishing a chunk as it was frozen) is topped up too.
                 queued = _pending_writes(manager, receipts, chunk_size, plan.backlog_fanout)
+                enqueue_s = 0.0
+                for top_up in range(3):
+                    if queued >= plan.backlog_writes:
+                        break
+                    tag = f"load{name}{repeat}t{top_up}"
+                    missing = plan.backlog_writes - queued
+                    enqueue_s += _enqueue_backlog(manager, run, tag, receipts, missing)
+                    queued = _pending_writes(manager, receipts, chunk_size, plan.backlog_fanout)
             result = measure_fanout(
                 manager,
                 tag=f"busy{name}{repeat}",
