@@ -184,7 +184,14 @@ def _errors(results: dict[str, Any]) -> list[str]:
     return found
 
 
-def _execute(run: Run, step: str, results: dict[str, Any], save: Callable[[], None]) -> None:
+def _execute(
+    run: Run,
+    step: str,
+    results: dict[str, Any],
+    save: Callable[[], None],
+    *,
+    chunk_sizes: tuple[int, ...] | None = None,
+) -> None:
     backends, skipped = discover_backends(results["requested_backends"], run.servers)
     results["backends"] = [b.describe() for b in backends]
     results["skipped"] = [{"name": s.name, "reason": s.reason} for s in skipped]
@@ -212,6 +219,11 @@ def _execute(run: Run, step: str, results: dict[str, Any], save: Callable[[], No
             return section
 
         for backend in backends:
+            if step == "priority" and chunk_sizes:
+                # The step alone, at the sizes asked for: no sweep to recommend one.
+                for chunk in chunk_sizes:
+                    measure(backend, chunk)
+                continue
             chosen = recommendations.get(backend.label)
             measured: set[int] = set()
             if chosen and backend.label in sweeps:
@@ -287,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["servers"] = servers.describe()
     run = Run(plan, servers, out, run_id=run_id)
     try:
-        _execute(run, args.step, results, save)
+        _execute(run, args.step, results, save, chunk_sizes=args.chunk_sizes)
     except KeyboardInterrupt:
         results["interrupted"] = True
     finally:

@@ -121,6 +121,24 @@ def test_a_backend_that_does_not_exist_is_reported_with_the_reason(
     assert results["skipped"][0]["name"] == "nosuchqueue"
 
 
+@pytest.mark.broker
+def test_the_priority_step_alone_measures_the_chunk_sizes_asked_for(
+    feedfan_redis_url: str, tmp_path: Path
+) -> None:
+    # Given the priority step alone, with chunk sizes named (no sweep to recommend one)
+    argv = ["priority", "--smoke", "--backend", "local", "--redis-url", feedfan_redis_url]
+    argv += ["--chunk-sizes", "20,50"]
+
+    # When it runs
+    completed = _smoke(argv, tmp_path / "results")
+
+    # Then it measured each size asked for, and only those
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert [section["chunk_size"] for section in results["priority"]] == [20, 50]
+    assert all(lay["loaded_over_idle"] > 0 for s in results["priority"] for lay in s["layouts"])
+
+
 def _point(chunk: int, wps: float, first: float, *, e2e: float = 1.0) -> dict[str, Any]:
     return {
         "chunk_size": chunk,
