@@ -45,6 +45,7 @@ from time import monotonic, time
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from celery.worker.consumer.tasks import Tasks
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils import json as kombu_json
@@ -116,6 +117,11 @@ def _shape_problem(message: Any) -> str | None:
     )
 
 
+def _per_consumer_prefetch(consumer: Any) -> bool:
+    """``Tasks.qos_global`` for feedfan's consumer: never the channel-wide limit."""
+    return False
+
+
 class FeedfanConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, keeping malformed messages on feedfan's queues instead of dropping them.
 
@@ -123,6 +129,18 @@ class FeedfanConsumer(Consumer):  # type: ignore[misc]
     :func:`~feedfan.backends.celery.register_tasks` do). Messages on other
     queues get Celery's usual treatment.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Celery asks RabbitMQ 3.3 to 3.13 for a prefetch limit shared by the
+        # channel's consumers ("global" QoS), so a worker of both queues gets
+        # one credit for both: each LOW chunk it finishes may fetch the next
+        # LOW chunk while a HIGH one waits on the broker. A limit for each
+        # consumer (what RabbitMQ 4 does anyway) lets a HIGH chunk through
+        # to the worker whatever the LOW queue holds.
+        tasks = self.blueprint.steps.get(Tasks.name)
+        if tasks is not None:
+            tasks.qos_global = _per_consumer_prefetch
 
     def _keep(self, message: Any, reason: str) -> bool:
         kept = keep_garbage(_queue_of(message), message.body, reason, feedfan_only=True)

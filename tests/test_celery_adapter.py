@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import kombu
 import pytest
@@ -36,6 +38,7 @@ from feedfan.storage.redis import RedisStorage
 from feedfan.task import ChunkTask
 from feedfan.testing import Harness, MyStreamManager, WorkerProcess, make_user, wait_for
 from feedfan.testing.managers import CHUNK_DELAY_VARIABLE, follower_ids, started_chunks
+from feedfan.testing.plugin import in_ci
 
 HIGH, LOW = FanoutPriority.HIGH, FanoutPriority.LOW
 _DEFAULTS = load_settings(env={}, read_files=False)
@@ -421,6 +424,68 @@ def test_a_worker_serving_both_queues_on_redis_takes_every_high_chunk_first(
     # Then all HIGH chunks started before any LOW one
     order = [str(row["chunk"]).split(":")[0] for row in started_chunks(storage)]
     assert order == ["high"] * 4 + ["low"] * 4
+
+
+def _rabbitmqctl_rows(*args: str) -> list[list[str]]:
+    tool = shutil.which("rabbitmqctl")
+    if tool is None:
+        message = "rabbitmqctl is not on PATH: the test reads RabbitMQ's consumers with it"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    result = subprocess.run(
+        [tool, "-q", "--no-table-headers", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.broker
+def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_queue(
+    feedfan_redis_url: str, feedfan_amqp_url: str, tmp_path: Path
+) -> None:
+    # Given a worker serving both queues on RabbitMQ, two processes
+    harness = Harness(
+        "celery", log_dir=tmp_path, redis_url=feedfan_redis_url, broker_url=feedfan_amqp_url
+    )
+    try:
+        settings = harness.settings(worker_concurrency=2)
+        harness.start_worker(settings)
+        vhost = unquote(urlsplit(feedfan_amqp_url).path[1:]) or "/"
+        queues = (settings.queue_high, settings.queue_low)
+
+        def consumers() -> dict[str, tuple[str, int]]:
+            rows = _rabbitmqctl_rows(
+                "list_consumers", "-p", vhost, "queue_name", "channel_pid", "prefetch_count"
+            )
+            return {row[0]: (row[1], int(row[2])) for row in rows if row[0] in queues}
+
+        # When it has subscribed to both
+        wait_for(
+            lambda: len(consumers()) == 2,
+            timeout=60,
+            message=f"the worker did not consume both queues\n{harness.worker_logs()}",
+        )
+
+        # Then each queue's consumer may hold a chunk per process, whatever the other holds:
+        # no limit shared by the channel, with which LOW chunks could keep HIGH ones waiting
+        found = consumers()
+        assert {queue: prefetch for queue, (_, prefetch) in found.items()} == {
+            settings.queue_high: 2,
+            settings.queue_low: 2,
+        }
+        channels = {channel for channel, _ in found.values()}
+        shared = {
+            row[0]: int(row[1])
+            for row in _rabbitmqctl_rows("list_channels", "pid", "global_prefetch_count")
+            if row[0] in channels
+        }
+        assert shared == dict.fromkeys(channels, 0)
+    finally:
+        harness.close()
 
 
 class _Killed(Exception):
