@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from feedfan.activity import ObjectId, check_object_id
+from feedfan.activity import ObjectId, check_object_ids
 from feedfan.errors import ActivityError, PayloadError
 from feedfan.feeds import Feed
 from feedfan.priority import FanoutPriority
@@ -130,11 +130,11 @@ def plan_group(
     ids = iter(followers)
     index = first_index
     while True:
-        batch = tuple(islice(ids, chunk_size))
+        batch = check_object_ids(
+            f"follower id of priority {priority.name}", islice(ids, chunk_size)
+        )
         if not batch:
             break
-        for follower in batch:
-            check_object_id(f"follower id of priority {priority.name}", follower)
         yield ChunkTask(
             op=op,
             feeds=feed_names,

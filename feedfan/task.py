@@ -28,6 +28,7 @@ from feedfan.activity import (
     MAX_SORT_KEY,
     ObjectId,
     check_object_id,
+    check_object_ids,
 )
 from feedfan.errors import PayloadError
 from feedfan.feeds import FEED_NAME_PATTERN
@@ -301,8 +302,7 @@ def decode_task(raw: str | bytes, *, max_bytes: int = 1_048_576) -> Task:
         start, before = (_count(body, key, f"plan task field {key!r}") for key in ("from", "base"))
         return PlanTask(op, feeds, entries, user_id, fanout_id, priority, size, start, before)
     index = _count(body, "idx", "task index")
-    followers = tuple(
-        check_object_id("task field 'to' item", item, error=PayloadError)
-        for item in _list(body, "to", _MAX_FOLLOWERS)
+    followers = check_object_ids(
+        "task field 'to' item", _list(body, "to", _MAX_FOLLOWERS), error=PayloadError
     )
     return ChunkTask(op, feeds, entries, followers, fanout_id, priority, index)

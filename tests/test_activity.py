@@ -10,7 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from feedfan import Activity, ActivityError, PayloadError, decode_activity, encode_activity
-from feedfan.activity import ACTIVITY_ID_PATTERN, MAX_SORT_KEY
+from feedfan.activity import (
+    ACTIVITY_ID_PATTERN,
+    MAX_SORT_KEY,
+    check_object_id,
+    check_object_ids,
+)
 
 UTC = timezone.utc
 
@@ -189,3 +194,69 @@ def test_any_valid_activity_round_trips_through_the_codec(
 def test_decoding_arbitrary_input_raises_payload_error_or_succeeds(raw: bytes | str) -> None:
     with contextlib.suppress(PayloadError):
         decode_activity(raw)
+
+
+@pytest.mark.parametrize(
+    ("ids", "bad"),
+    [
+        ([1, 2, True, 4], "True (bool)"),
+        ([1, 2**63, 3], str(2**63)),
+        ([-(2**63), 1], str(-(2**63))),
+        (["a", "", "c"], "'' (str)"),
+        (["a", "b\nc"], "'b\\nc' (str)"),
+        (["a", "x" * 257], "..."),
+        ([1, "a", 2.5], "2.5 (float)"),
+        (["a", b"b"], "b'b' (bytes)"),
+    ],
+)
+def test_a_batch_of_ids_fails_on_the_first_bad_one_with_its_own_message(
+    ids: list[object], bad: str
+) -> None:
+    with pytest.raises(ActivityError) as batch:
+        check_object_ids("follower id", ids)
+    with pytest.raises(ActivityError) as one:
+        for value in ids:
+            check_object_id("follower id", value)
+    assert str(batch.value) == str(one.value)
+    assert bad in str(batch.value) or bad in str(one.value)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [],
+        list(range(1000)),
+        [2**63 - 1, -(2**63) + 1, 0],
+        ["a", "b" * 256, "ü-é", "user:1"],
+        [1, "a", 2, "b"],
+    ],
+)
+def test_a_batch_of_good_ids_comes_back_as_a_tuple(ids: list[object]) -> None:
+    assert check_object_ids("follower id", ids) == tuple(ids)
+    assert check_object_ids("follower id", iter(ids)) == tuple(ids)
+
+
+def test_a_batch_check_raises_the_error_asked_for() -> None:
+    with pytest.raises(PayloadError, match="task field 'to' item must be"):
+        check_object_ids("task field 'to' item", [1, None], error=PayloadError)
+
+
+_IDS = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.text(max_size=300),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+)
+
+
+@given(st.lists(_IDS, max_size=20))
+def test_a_batch_check_agrees_with_checking_each_id(ids: list[object]) -> None:
+    def outcome(check: object) -> object:
+        try:
+            return check()  # type: ignore[operator]
+        except ActivityError as e:
+            return str(e)
+
+    expected = outcome(lambda: tuple(check_object_id("id", value) for value in ids))
+    assert outcome(lambda: check_object_ids("id", ids)) == expected
