@@ -37,7 +37,7 @@ class Plan:
     backlog_writes: int = 1_000_000
     backlog_fanout: int = 100_000
     high_followers: int = 1_000
-    priority_repeats: int = 5
+    priority_repeats: int = 9
     """HIGH fanouts timed per layout, idle and loaded (the median of each counts)."""
     dispatch_counts: tuple[int, ...] = (1_000, 10_000)
     dispatch_followers: int = 100
