@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -306,6 +307,24 @@ class _FeedfanWorkerMixin(BaseWorker):
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
             pipe.execute()
+
+    def subscribe(self) -> None:
+        """RQ's subscription to its command channel, its thread deaf to SIGTERM and SIGINT.
+
+        A signal sent to a process (``kill``, a worker pool stopping its
+        workers, a service manager) goes to any of its threads that does not
+        block it. Taken by the thread RQ starts here to listen for commands,
+        Python runs the handler only once the main thread's blocking wait
+        for a job returns: a warm shutdown of an idle worker then waited up
+        to the dequeue timeout (60 s) one time in three. A thread starts with
+        the signal mask of the thread that starts it.
+        """
+        stops = {signal.SIGTERM, signal.SIGINT}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            super().subscribe()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's state change, not sent again when Redis already holds it.

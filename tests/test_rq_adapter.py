@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -612,6 +613,59 @@ def test_a_sigterm_during_a_take_that_finds_nothing_stops_the_idle_worker(
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             worker.teardown()
+
+
+def _threads_not_blocking(pid: int, signals: set[int]) -> dict[int, list[int]]:
+    """Threads of ``pid`` other than its main one, each with the ``signals`` it does not block."""
+    found: dict[int, list[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        if tid == pid:
+            continue
+        status = (task / "status").read_text()
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+        found[tid] = sorted(sig for sig in signals if not blocked & (1 << (sig - 1)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from Linux's /proc")
+def test_a_stop_signal_reaches_the_main_thread_of_an_idle_worker_at_once(
+    harness: Harness,
+) -> None:
+    # Given feedfan's RQ workers, idle in RQ's wait for a job after running a fanout
+    settings, manager, _ = _rq(harness)
+    worker = harness.start_worker(settings)
+    assert worker is not None
+    user = make_user(_namespace(), 3, 20)
+    _settle(harness, manager, manager.add_user_activity(user, _pin(user)))
+    children: list[int] = []
+
+    def listening() -> bool:
+        children[:] = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True, check=False
+            ).stdout.split()
+        ]
+        return bool(children) and all(
+            len(list(Path(f"/proc/{c}/task").iterdir())) > 1 for c in children
+        )
+
+    wait_for(listening, timeout=30, message=f"no worker thread\n{harness.worker_logs()}")
+    time.sleep(1)
+
+    # Then no thread but the main one takes SIGTERM or SIGINT: one that did would hold
+    # the signal until the main thread's blocking wait for a job ended (60 s)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    for child in children:
+        open_to = _threads_not_blocking(child, stops)
+        assert open_to and all(signals == [] for signals in open_to.values()), (child, open_to)
+
+    # And when the workers are told to stop, as a service manager stops them, they stop soon
+    started = time.monotonic()
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.process.wait(timeout=30)
+    assert time.monotonic() - started < 10, harness.worker_logs()
 
 
 def test_a_chunk_held_when_rq_suspends_the_worker_goes_back(
