@@ -322,7 +322,7 @@ class _FeedfanWorkerMixin(BaseWorker):
         stops = {signal.SIGTERM, signal.SIGINT}
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
-            super().subscribe()
+            super().subscribe()  # type: ignore[no-untyped-call]
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
