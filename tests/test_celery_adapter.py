@@ -488,6 +488,59 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
         harness.close()
 
 
+@pytest.mark.broker
+def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_limit_back(
+    feedfan_redis_url: str, feedfan_amqp_url: str, tmp_path: Path
+) -> None:
+    # Given a worker of both queues on RabbitMQ running two slow chunks, more waiting
+    harness = Harness(
+        "celery", log_dir=tmp_path, redis_url=feedfan_redis_url, broker_url=feedfan_amqp_url
+    )
+    try:
+        settings = harness.settings(worker_concurrency=2)
+        manager = harness.manager(settings)
+        storage = manager.storage
+        assert isinstance(storage, RedisStorage)
+        harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "3"})
+        vhost = unquote(urlsplit(feedfan_amqp_url).path[1:]) or "/"
+        if vhost == "/":
+            pytest.skip("rabbitmqctl could not make a vhost of this session's own to cut")
+        queues = (settings.queue_high, settings.queue_low)
+
+        def limits() -> dict[str, int]:
+            rows = _rabbitmqctl_rows("list_consumers", "-p", vhost, "queue_name", "prefetch_count")
+            return {row[0]: int(row[1]) for row in rows if row[0] in queues}
+
+        wait_for(lambda: len(limits()) == 2, timeout=60, message=harness.worker_logs())
+        assert manager.dispatcher.enqueue_many(_chunks(6, LOW)) == 6
+        wait_for(
+            lambda: len(started_chunks(storage)) >= 2,
+            timeout=30,
+            message=f"the chunks did not start\n{harness.worker_logs()}",
+        )
+
+        # When the broker drops the worker's connection while they run
+        tool = shutil.which("rabbitmqctl")
+        assert tool is not None  # (_rabbitmqctl_rows ran it above)
+        subprocess.run(
+            [tool, "-q", "close_all_connections", "--vhost", vhost, "--limit", "1000", "test"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        wait_for(
+            lambda: "Connection to broker lost" in harness.worker_logs() and len(limits()) == 2,
+            timeout=60,
+            message=f"the worker did not consume again\n{harness.worker_logs()}",
+        )
+
+        # Then each queue's consumer may hold a chunk per process again: Celery's lowered
+        # limit for the chunks that were running is not left behind on the new consumers
+        assert limits() == {settings.queue_high: 2, settings.queue_low: 2}
+    finally:
+        harness.close()
+
+
 class _Killed(Exception):
     """The consuming process dies here."""
 
