@@ -316,8 +316,8 @@ class _FeedfanWorkerMixin(BaseWorker):
         block it. Taken by the thread RQ starts here to listen for commands,
         Python runs the handler only once the main thread's blocking wait
         for a job returns: a warm shutdown of an idle worker then waited up
-        to the dequeue timeout (60 s) one time in three. A thread starts with
-        the signal mask of the thread that starts it.
+        to the dequeue timeout (60 s), about one time in four. A thread
+        starts with the signal mask of the thread that starts it.
         """
         stops = {signal.SIGTERM, signal.SIGINT}
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
