@@ -25,7 +25,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, ClassVar, cast
 
-from feedfan.activity import ACTIVITY_ID_PATTERN, Activity, ObjectId, check_object_id
+from feedfan.activity import (
+    ACTIVITY_ID_PATTERN,
+    Activity,
+    ObjectId,
+    check_object_id,
+    check_object_ids,
+)
 from feedfan.config import Settings, load_settings
 from feedfan.dispatch import TaskDispatcher, create_dispatcher
 from feedfan.errors import (
@@ -682,7 +688,7 @@ class Manager:
         self, op: Operation, user_id: ObjectId, targets: Iterable[ObjectId]
     ) -> FanoutReceipt:
         check_object_id("user_id", user_id)
-        target_ids = [check_object_id("target_user_id", t) for t in targets]
+        target_ids = check_object_ids("target_user_id", targets)
         depth = max(cls.max_length for cls in self.registered_feeds.values())
         entries: dict[str, int] = {}
         for target in target_ids:

@@ -21,7 +21,13 @@ from typing import Any
 from django import db  # type: ignore[import-untyped, unused-ignore]
 from django.db import transaction  # type: ignore[import-untyped, unused-ignore]
 
-from feedfan.activity import ACTIVITY_ID_PATTERN, Activity, ObjectId, check_object_id
+from feedfan.activity import (
+    ACTIVITY_ID_PATTERN,
+    Activity,
+    ObjectId,
+    check_object_id,
+    check_object_ids,
+)
 from feedfan.config import Settings
 from feedfan.contrib.django.conf import get_settings
 from feedfan.dispatch import TaskDispatcher
@@ -197,7 +203,7 @@ class DjangoManager(Manager):
 
     def _check_targets(self, user_id: ObjectId, targets: Iterable[ObjectId]) -> list[ObjectId]:
         check_object_id("user_id", user_id)
-        return [check_object_id("target_user_id", t) for t in targets]
+        return list(check_object_ids("target_user_id", targets))
 
     def _follow_id(self, op: str, user_id: ObjectId, target_ids: list[ObjectId]) -> str:
         # The id Manager gives a follow fanout. Which activities it copies is only
