@@ -270,6 +270,8 @@ def _register(app: Celery, settings: Settings) -> Task:
         "time_limit": hard_time_limit(settings),
         "max_retries": settings.max_retries,
         "Request": FeedfanRequest,
+        # Read by the worker's consumer, which runs this queue's waiting chunks first.
+        "high_queue": settings.queue_high,
     }
     task: Task = app.task(**options)(_run)
     return task

@@ -39,6 +39,7 @@ import base64
 import binascii
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable
 from queue import Empty
 from time import monotonic, time
@@ -46,6 +47,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.tasks import Tasks
+from kombu.asynchronous.semaphore import LaxBoundedSemaphore
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils import json as kombu_json
@@ -58,6 +60,7 @@ __all__ = [
     "FeedfanConsumer",
     "GuardedRedisTransport",
     "envelope_problem",
+    "high_first",
     "keep_garbage",
     "read_envelope",
 ]
@@ -122,6 +125,84 @@ def _per_consumer_prefetch(consumer: Any) -> bool:
     return False
 
 
+def _routing_key(waiter: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> str | None:
+    args = waiter[1]
+    info = getattr(args[0], "delivery_info", None) if args else None
+    return info.get("routing_key") if isinstance(info, dict) else None
+
+
+class _HighFirst:
+    """The waiting line of a worker's pool: requests from the HIGH queue go ahead of the rest.
+
+    Celery's prefork worker keeps the requests it received while every
+    process was busy in the pool semaphore's line, first come first served,
+    so a HIGH chunk that arrives after a reserved LOW one runs after it.
+    Installed as the semaphore's ``_add_waiter``; HIGH requests keep their
+    order among themselves, as do the others.
+    """
+
+    def __init__(self, waiting: deque[Any], high_queue: str) -> None:
+        self.waiting = waiting
+        self.high_queue = high_queue
+
+    def __call__(self, waiter: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> None:
+        if _routing_key(waiter) != self.high_queue:
+            self.waiting.append(waiter)
+            return
+        for index, queued in enumerate(self.waiting):
+            if _routing_key(queued) != self.high_queue:
+                self.waiting.insert(index, waiter)
+                return
+        self.waiting.append(waiter)
+
+
+def high_first(semaphore: Any, high_queue: str) -> bool:
+    """Make ``semaphore`` (Celery's pool semaphore) run HIGH requests first; ``False`` if it cannot."""
+    waiting = getattr(semaphore, "_waiting", None)
+    if not isinstance(semaphore, LaxBoundedSemaphore) or not isinstance(waiting, deque):
+        return False
+    if not isinstance(semaphore._add_waiter, _HighFirst):
+        semaphore._add_waiter = _HighFirst(waiting, high_queue)
+    return True
+
+
+def _reserve_more_high(c: Any, high_queue: str) -> None:
+    """On RabbitMQ, let the HIGH queue's consumer hold two chunks per process, not one.
+
+    With a limit of one per process the broker sends the next HIGH chunk only
+    once one is acknowledged, and by then the freed process has taken a
+    reserved LOW chunk. RabbitMQ applies a per-consumer limit to consumers
+    made after it is set, so it is raised for the HIGH queue's subscription
+    alone and put back for the others.
+    """
+    consumer = c.task_consumer
+    if consumer is None or c.connection.transport.driver_type != "amqp":
+        return
+    original = getattr(consumer, "_basic_consume", None)
+    if original is None or not isinstance(getattr(consumer, "_active_tags", None), dict):
+        logger.warning(
+            "feedfan: this kombu's Consumer has no _basic_consume; the HIGH queue keeps "
+            "Celery's limit of one chunk per process"
+        )
+        return
+    if getattr(original, "feedfan_high_reserve", False):
+        return
+
+    def basic_consume(queue: Any, *args: Any, **kwargs: Any) -> Any:
+        if queue.name != high_queue or queue.name in consumer._active_tags:
+            return original(queue, *args, **kwargs)
+        limit = c.qos.value if c.qos is not None else c.initial_prefetch_count
+        channel = consumer.channel
+        channel.basic_qos(0, 2 * limit, False)
+        try:
+            return original(queue, *args, **kwargs)
+        finally:
+            channel.basic_qos(0, limit, False)
+
+    basic_consume.feedfan_high_reserve = True  # type: ignore[attr-defined]
+    consumer._basic_consume = basic_consume
+
+
 class FeedfanConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, keeping malformed messages on feedfan's queues instead of dropping them.
 
@@ -141,6 +222,18 @@ class FeedfanConsumer(Consumer):  # type: ignore[misc]
         tasks = self.blueprint.steps.get(Tasks.name)
         if tasks is not None:
             tasks.qos_global = _per_consumer_prefetch
+            tasks.start = functools.partial(self._start_tasks, tasks.start)
+
+    def _start_tasks(self, start: Callable[[Any], None], c: Any) -> None:
+        """Celery's ``Tasks.start``, then HIGH chunks first wherever they wait in this worker."""
+        start(c)
+        high_queue = getattr(self.app.tasks.get(TASK_NAME), "high_queue", None)
+        if not isinstance(high_queue, str):
+            return
+        controller = self.controller
+        if controller is not None:
+            high_first(getattr(controller, "semaphore", None), high_queue)
+        _reserve_more_high(c, high_queue)
 
     def _keep(self, message: Any, reason: str) -> bool:
         kept = keep_garbage(_queue_of(message), message.body, reason, feedfan_only=True)

@@ -24,6 +24,7 @@ import kombu
 import pytest
 import redis
 from celery import Celery
+from kombu.asynchronous.semaphore import LaxBoundedSemaphore
 from kombu.exceptions import OperationalError
 
 from feedfan.activity import Activity
@@ -480,11 +481,12 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
         message=f"the worker did not consume both queues\n{harness.worker_logs()}",
     )
 
-    # Then each queue's consumer may hold a chunk per process, whatever the other holds:
-    # no limit shared by the channel, with which LOW chunks could keep HIGH ones waiting
+    # Then each queue's consumer has a limit of its own, whatever the other holds (no limit
+    # shared by the channel, with which LOW chunks could keep HIGH ones waiting): a chunk
+    # per process on LOW, two on HIGH, so the next HIGH chunks wait in the worker, ready
     found = consumers()
     assert {queue: prefetch for queue, (_, prefetch) in found.items()} == {
-        settings.queue_high: 2,
+        settings.queue_high: 4,
         settings.queue_low: 2,
     }
     channels = {channel for channel, _ in found.values()}
@@ -541,9 +543,79 @@ def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_li
         message=f"the worker did not consume again\n{harness.worker_logs()}",
     )
 
-    # Then each queue's consumer may hold a chunk per process again: Celery's lowered
-    # limit for the chunks that were running is not left behind on the new consumers
-    assert limits() == {settings.queue_high: 2, settings.queue_low: 2}
+    # Then each queue's consumer gets its full limit again: Celery's lowered limit for
+    # the chunks that were running is not left behind on the new consumers
+    assert limits() == {settings.queue_high: 4, settings.queue_low: 2}
+
+
+class _Waiting:
+    """A request as the pool semaphore holds it: only its delivery info matters here."""
+
+    def __init__(self, name: str, routing_key: str | None) -> None:
+        self.name = name
+        self.delivery_info = {"routing_key": routing_key} if routing_key else None
+
+
+def test_the_pool_semaphore_runs_waiting_high_requests_first_each_in_arrival_order() -> None:
+    # Given Celery's pool semaphore of one process, made HIGH first, with the process busy
+    semaphore = LaxBoundedSemaphore(1)
+    assert _celery_guard.high_first(semaphore, "ff.high")
+    ran: list[str] = []
+    semaphore.acquire(ran.append, "running")
+
+    # When requests arrive from both queues (and one without delivery info) while it runs
+    arrivals = [("low1", "ff.low"), ("high1", "ff.high"), ("odd", None), ("high2", "ff.high")]
+    arrivals += [("low2", "ff.low"), ("high3", "ff.high")]
+    for name, routing_key in arrivals:
+        semaphore.acquire(lambda request: ran.append(request.name), _Waiting(name, routing_key))
+    for _ in arrivals:
+        semaphore.release()
+
+    # Then HIGH ones run first, each group in the order it arrived
+    assert ran == ["running", "high1", "high2", "high3", "low1", "odd", "low2"]
+    # and installing it twice changes nothing; a semaphore of another kind is left alone
+    assert _celery_guard.high_first(semaphore, "ff.high")
+    assert isinstance(semaphore._add_waiter, _celery_guard._HighFirst)
+    assert not _celery_guard.high_first(object(), "ff.high")
+
+
+@pytest.mark.broker
+def test_a_worker_of_both_queues_on_rabbitmq_runs_a_waiting_high_chunk_before_a_waiting_low_one(
+    rabbit: tuple[Harness, str],
+) -> None:
+    # Given a one-process worker of both queues on RabbitMQ, running a slow HIGH chunk
+    harness, _ = rabbit
+    settings = harness.settings(worker_concurrency=1)
+    manager = harness.manager(settings)
+    storage = manager.storage
+    assert isinstance(storage, RedisStorage)
+    harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "1.5"})
+    first, later = _chunks(2, HIGH)
+    (low,) = _chunks(1, LOW)
+    assert manager.dispatcher.enqueue_many([first]) == 1
+    wait_for(
+        lambda: len(started_chunks(storage)) == 1,
+        timeout=30,
+        message=f"the first chunk did not start\n{harness.worker_logs()}",
+    )
+
+    # When a LOW chunk reaches the worker, then a HIGH one, while that chunk runs
+    assert manager.dispatcher.enqueue_many([low]) == 1
+    wait_for(
+        lambda: f"{low.task_id}] received" in harness.worker_logs(),
+        timeout=30,
+        message=f"the LOW chunk did not reach the worker\n{harness.worker_logs()}",
+    )
+    assert manager.dispatcher.enqueue_many([later]) == 1
+
+    # Then the HIGH chunk runs next, though the LOW one waited longer
+    wait_for(
+        lambda: len(started_chunks(storage)) == 3,
+        timeout=30,
+        message=f"the chunks did not all start\n{harness.worker_logs()}",
+    )
+    order = [row["chunk"] for row in started_chunks(storage)]
+    assert order == [first.chunk_key, later.chunk_key, low.chunk_key]
 
 
 class _Killed(Exception):
