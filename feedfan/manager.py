@@ -315,9 +315,11 @@ class Manager:
             )
         return activity
 
-    def _write_user_feed(self, op: Operation, user_id: ObjectId, entry: tuple[str, int]) -> None:
+    def _user_feed_write(
+        self, op: Operation, user_id: ObjectId, entry: tuple[str, int]
+    ) -> WriteBatch:
         key = self.storage.feed_key(self.user_feed_class.name, user_id)
-        self.storage.apply(WriteBatch(op, [(key, self.user_feed_class.max_length)], [entry]))
+        return WriteBatch(op, [(key, self.user_feed_class.max_length)], [entry])
 
     def add_user_activity(self, user_id: ObjectId, activity: Activity) -> FanoutReceipt:
         """Store ``activity``, add it to ``user_id``'s own feed and fan it out.
@@ -330,10 +332,9 @@ class Manager:
         """
         check_object_id("user_id", user_id)
         activity = self._check_activity(activity)
-        self.storage.store_activities([activity])
         entry = (activity.id, activity.sort_key)
-        self._write_user_feed("add", user_id, entry)
-        return self._fanout("add", user_id, [entry])
+        own = self._user_feed_write("add", user_id, entry)
+        return self._fanout("add", user_id, [entry], activities=[activity], own=own)
 
     def remove_user_activity(self, user_id: ObjectId, activity: Activity | str) -> FanoutReceipt:
         """Remove an activity (or an activity id) from the author's feed and every follower's."""
@@ -345,14 +346,22 @@ class Manager:
         else:
             checked = self._check_activity(activity)
             entry = (checked.id, checked.sort_key)
-        self._write_user_feed("remove", user_id, entry)
-        return self._fanout("remove", user_id, [entry])
+        own = self._user_feed_write("remove", user_id, entry)
+        return self._fanout("remove", user_id, [entry], own=own)
 
     # Fanout -------------------------------------------------------------------
 
     def _fanout(
-        self, op: Operation, user_id: ObjectId, entries: Sequence[tuple[str, int]]
+        self,
+        op: Operation,
+        user_id: ObjectId,
+        entries: Sequence[tuple[str, int]],
+        *,
+        activities: Sequence[Activity] = (),
+        own: WriteBatch,
     ) -> FanoutReceipt:
+        """Fan ``entries`` out; the activity bodies and the author's own feed write
+        (``own``) go to storage with the fanout's start, in one step."""
         feeds = tuple(self.registered_feeds)
         activity_ids = [activity_id for activity_id, _ in entries]
         fanout_id = make_fanout_id(op, user_id, activity_ids, feeds)
@@ -369,12 +378,19 @@ class Manager:
                 first,
                 self.settings.fanout_chunk_size,
             )
-            self.storage.begin_fanout(fanout_id, describe_fanout(op, user_id, activity_ids))
+            self.storage.start_fanout(
+                fanout_id,
+                describe_fanout(op, user_id, activity_ids),
+                activities=activities,
+                writes=[own],
+            )
             self.dispatcher.enqueue(plan)
             return FanoutReceipt(
                 fanout_id, tuple(activity_ids), 0, 0, 0, 0, planned_in_background=True
             )
-        return self._plan_and_send(op, user_id, feeds, entries, fanout_id, lookup=lookup)
+        return self._plan_and_send(
+            op, user_id, feeds, entries, fanout_id, lookup=lookup, activities=activities, own=own
+        )
 
     def _background_start(self, user_id: ObjectId, lookup: _Lookup) -> FanoutPriority | None:
         """The group whose planning task a background fanout starts with; ``None``: inline.
@@ -408,12 +424,19 @@ class Manager:
         *,
         chunk_size: int | None = None,
         lookup: _Lookup | None = None,
+        activities: Sequence[Activity] = (),
+        own: WriteBatch | None = None,
     ) -> FanoutReceipt:
         groups = (lookup or _Lookup(self, user_id)).groups()
         activity_ids = tuple(activity_id for activity_id, _ in entries)
-        self.storage.begin_fanout(fanout_id, describe_fanout(op, user_id, activity_ids))
         # A retried planning starts clean; a failure is recorded again if it recurs.
-        self.storage.clear_chunk_failure(fanout_id, PLAN_CHUNK)
+        self.storage.start_fanout(
+            fanout_id,
+            describe_fanout(op, user_id, activity_ids),
+            activities=activities,
+            writes=[own] if own is not None else [],
+            clear_failure=PLAN_CHUNK,
+        )
         counts = {FanoutPriority.HIGH: 0, FanoutPriority.LOW: 0}
         followers = 0
 

@@ -6,6 +6,7 @@ import tracemalloc
 from collections.abc import Iterable, Iterator, Sequence
 
 import pytest
+import redis
 
 from feedfan import (
     Activity,
@@ -21,6 +22,7 @@ from feedfan import (
     TimelineFeed,
 )
 from feedfan.activity import ObjectId
+from feedfan.storage.redis import RedisStorage
 from feedfan.task import ChunkTask, Task
 
 
@@ -226,3 +228,41 @@ def test_wait_gives_up_with_a_hint_about_workers() -> None:
 
 def iterate(ids: Iterator[int]) -> Iterator[int]:
     yield from ids
+
+
+def test_adding_an_activity_takes_two_redis_round_trips_around_its_tasks(
+    feedfan_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a manager on Redis whose chunk tasks go to a queue that keeps them
+    manager = MyStreamManager(
+        dispatcher="eager",
+        redis_url=feedfan_redis_url,
+        key_prefix=f"rt-{id(monkeypatch):x}:",
+        fanout_chunk_size=3,
+    )
+    counting = CountingDispatcher(manager.settings, runner=manager.runner)
+    manager.dispatcher = counting
+    assert isinstance(manager.storage, RedisStorage)
+    manager.storage.ping()
+    sent: list[bytes] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: object, command: object, *args: object, **kwargs: object) -> None:
+        sent.append(bytes(command[0] if isinstance(command, list) else command)[:40])
+        send(self, command, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    try:
+        # When an activity is added
+        receipt = manager.add_user_activity(1, Activity(actor=1, verb="pin", object=42))
+
+        # Then Redis saw two round trips: one before the tasks were sent (the activity, the
+        # author's feed, the fanout's start) and one after (the count of chunks)
+        assert counting.count == receipt.chunks == 5
+        assert len(sent) == 2, sent
+        status = manager.fanout_status(receipt)
+        assert status is not None and status.total == 5
+    finally:
+        monkeypatch.undo()
+        manager.storage.clear()
+        manager.close()

@@ -220,3 +220,61 @@ def test_a_replayed_chunk_counts_as_pending_again(storage: Storage) -> None:
     storage.clear_chunk_failure(fanout, "high:0")
     status = storage.fanout_status(fanout)
     assert status is not None and (status.failed, status.pending, status.settled) == (0, 1, False)
+
+
+def test_starting_a_fanout_stores_writes_begins_and_clears_as_the_separate_calls_do(
+    storage: Storage,
+) -> None:
+    # Given a fanout whose planning failed before, with one chunk done
+    fanout = "d" * 24
+    storage.begin_fanout(fanout, {"op": "add"})
+    storage.apply(WriteBatch("add", [], [], chunk=(fanout, "high:0")))
+    storage.mark_chunk_failed(fanout, "plan", "the follower lookup timed out")
+    own = storage.feed_key("user", 7)
+    pin = Activity(actor=7, verb="pin", object=1)
+
+    # When the producer starts it again with the activity and the author's own feed write
+    storage.start_fanout(
+        fanout,
+        {"op": "add", "user": "7"},
+        activities=[pin],
+        writes=[WriteBatch("add", [(own, 10)], [(pin.id, pin.sort_key)])],
+        clear_failure="plan",
+    )
+
+    # Then the activity is stored, the feed written, the fanout begun again (a retry keeps
+    # the chunk done), the failure gone
+    assert storage.get_activities([pin.id]) == {pin.id: pin}
+    assert storage.read_feed(own, offset=0, limit=10) == [(pin.id, pin.sort_key)]
+    status = storage.fanout_status(fanout)
+    assert status is not None
+    assert (status.total, status.done, status.failed) == (None, 1, 0)
+    assert (status.meta["op"], status.meta["user"]) == ("add", "7")
+
+
+def test_starting_a_fanout_on_a_redis_that_lost_its_scripts_loads_them_and_completes(
+    feedfan_redis_url: str,
+) -> None:
+    # Given a Redis storage whose scripts were flushed since it loaded them (a restart)
+    store = RedisStorage(url=feedfan_redis_url, key_prefix=f"st-{uuid.uuid4().hex[:8]}:")
+    try:
+        store.begin_fanout("c" * 24, {})
+        store.client.script_flush()
+        own = store.feed_key("user", 7)
+        pin = Activity(actor=7, verb="pin", object=2)
+
+        # When a fanout starts
+        store.start_fanout(
+            "b" * 24,
+            {"op": "add"},
+            activities=[pin],
+            writes=[WriteBatch("add", [(own, 10)], [(pin.id, pin.sort_key)])],
+        )
+
+        # Then every part of it is written
+        assert store.read_feed(own, offset=0, limit=10) == [(pin.id, pin.sort_key)]
+        assert store.get_activities([pin.id]) == {pin.id: pin}
+        assert store.fanout_status("b" * 24) is not None
+    finally:
+        store.clear()
+        store.close()

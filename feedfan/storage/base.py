@@ -120,6 +120,32 @@ class Storage(ABC):
     def begin_fanout(self, fanout_id: str, meta: Mapping[str, str]) -> None:
         """Record that a fanout started planning, with a few descriptive fields."""
 
+    def start_fanout(
+        self,
+        fanout_id: str,
+        meta: Mapping[str, str],
+        *,
+        activities: Iterable[Activity] = (),
+        writes: Iterable[WriteBatch] = (),
+        clear_failure: str | None = None,
+    ) -> None:
+        """All a producer writes before it sends a fanout's tasks, in one step.
+
+        Stores ``activities``, applies ``writes`` (the author's own feed),
+        records the fanout as begun (:meth:`begin_fanout`) and, with
+        ``clear_failure``, counts that failed chunk as pending again
+        (:meth:`clear_chunk_failure`). Each part is idempotent, so a step
+        that fails partway is completed by running it again. This default
+        makes the calls in turn; :class:`~feedfan.storage.redis.RedisStorage`
+        sends them in one round trip.
+        """
+        self.store_activities(activities)
+        for batch in writes:
+            self.apply(batch)
+        self.begin_fanout(fanout_id, meta)
+        if clear_failure is not None:
+            self.clear_chunk_failure(fanout_id, clear_failure)
+
     @abstractmethod
     def end_planning(self, fanout_id: str, total_chunks: int) -> None:
         """Record how many chunks the fanout has, now that planning is over."""

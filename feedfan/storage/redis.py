@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from feedfan.activity import Activity, decode_activity, encode_activity
@@ -206,10 +207,13 @@ class RedisStorage(Storage):
     # Activity bodies ---------------------------------------------------
 
     def store_activities(self, activities: Iterable[Activity]) -> None:
-        mapping = {self._key("act", a.id): encode_activity(a) for a in activities}
+        mapping = self._activity_bodies(activities)
         if mapping:
             with self._errors():
                 self.client.mset(mapping)
+
+    def _activity_bodies(self, activities: Iterable[Activity]) -> dict[str, str]:
+        return {self._key("act", a.id): encode_activity(a) for a in activities}
 
     def get_activities(self, activity_ids: Sequence[str]) -> dict[str, Activity]:
         if not activity_ids:
@@ -242,6 +246,11 @@ class RedisStorage(Storage):
         )
 
     def _apply_with_script(self, batch: WriteBatch) -> None:
+        keys, args = self._apply_call(batch)
+        self._apply_script(keys=keys, args=args)
+
+    def _apply_call(self, batch: WriteBatch) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of the apply script for ``batch``."""
         done_key, failed_key, marker = self._chunk_keys(batch)
         keys = [done_key or self._key("none"), failed_key or self._key("none")]
         feeds = _joined_keys([key for key, _ in batch.feeds])
@@ -256,10 +265,15 @@ class RedisStorage(Storage):
         else:
             args.extend(member for member, _ in batch.entries)
         args.append(feeds)
-        self._apply_script(keys=keys, args=args)
+        return keys, args
 
     def _apply_with_pipeline(self, batch: WriteBatch) -> None:
         pipe = self.client.pipeline(transaction=False)
+        self._queue_writes(pipe, batch)
+        pipe.execute()
+
+    def _queue_writes(self, pipe: Any, batch: WriteBatch) -> None:
+        """Queue ``batch`` as plain commands on ``pipe`` (the pipeline write mode)."""
         if batch.op == "add":
             mapping = dict(batch.entries)
             for key, max_length in batch.feeds:
@@ -276,7 +290,6 @@ class RedisStorage(Storage):
             pipe.sadd(done_key, marker)
             pipe.expire(done_key, self.status_ttl)
             pipe.hdel(failed_key, marker)
-        pipe.execute()
 
     def read_feed(self, key: str, *, offset: int, limit: int) -> list[tuple[str, int]]:
         if limit <= 0:
@@ -294,6 +307,13 @@ class RedisStorage(Storage):
     # Fanout progress -------------------------------------------------------
 
     def begin_fanout(self, fanout_id: str, meta: Mapping[str, str]) -> None:
+        keys, args = self._begin_call(fanout_id, meta)
+        with self._errors():
+            self._begin_script(keys=keys, args=args)
+
+    def _begin_call(
+        self, fanout_id: str, meta: Mapping[str, str]
+    ) -> tuple[list[str], list[str | float]]:
         now = time.time()
         keys = [
             self._key("fanout", fanout_id),
@@ -304,8 +324,52 @@ class RedisStorage(Storage):
         args: list[str | float] = [fanout_id, now, self.status_ttl]
         for field_name, value in {**meta, "started": repr(now)}.items():
             args.extend((field_name, value))
+        return keys, args
+
+    def start_fanout(
+        self,
+        fanout_id: str,
+        meta: Mapping[str, str],
+        *,
+        activities: Iterable[Activity] = (),
+        writes: Iterable[WriteBatch] = (),
+        clear_failure: str | None = None,
+    ) -> None:
+        """The producer's writes before it sends a fanout's tasks, in one round trip."""
+        bodies = self._activity_bodies(activities)
+        calls: list[tuple[Any, list[str], list[Any]]] = []
+        plain: list[WriteBatch] = []
+        for batch in writes:
+            if self.write_mode == "script":
+                calls.append((self._apply_script, *self._apply_call(batch)))
+            else:
+                plain.append(batch)
+        calls.append((self._begin_script, *self._begin_call(fanout_id, meta)))
+        failed_key = self._key("fanout", fanout_id, "failed")
         with self._errors():
-            self._begin_script(keys=keys, args=args)
+            for attempt in range(2):
+                pipe = self.client.pipeline(transaction=False)
+                if bodies:
+                    pipe.mset(bodies)
+                for batch in plain:
+                    self._queue_writes(pipe, batch)
+                # EVALSHA, not redis-py's Script in a pipeline, which asks SCRIPT EXISTS
+                # in a round trip of its own every time.
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                if clear_failure is not None:
+                    pipe.hdel(failed_key, clear_failure)
+                replies = pipe.execute(raise_on_error=False)
+                errors = [r for r in replies if isinstance(r, Exception)]
+                if attempt == 0 and any(isinstance(e, NoScriptError) for e in errors):
+                    # A flushed or restarted Redis: load the scripts and run it all again,
+                    # every part being idempotent.
+                    for script, _, _ in calls:
+                        script.sha = self.client.script_load(script.script)
+                    continue
+                if errors:
+                    raise errors[0]
+                return
 
     def end_planning(self, fanout_id: str, total_chunks: int) -> None:
         key = self._key("fanout", fanout_id)
