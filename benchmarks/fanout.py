@@ -1,9 +1,10 @@
 """Measuring one fanout: producer time, first follower, end to end, memory, correctness.
 
 Progress is read from the manager's own counters (``fanout_status``: chunks
-done out of the total) by a watcher thread that starts before
-``add_user_activity`` is called, so the first chunk is seen even when it is
-done before the producer returns. When the counters say the fanout is
+done out of the total) by a watcher thread that is running, its Redis
+connection made, before the clock starts and ``add_user_activity`` is
+called: the first chunk is seen even when it is done before the producer
+returns, and neither the thread's start nor its connection is timed. When the counters say the fanout is
 complete, a sample of follower feeds is read back to check that they hold
 the activity.
 """
@@ -75,17 +76,28 @@ class _Watcher(threading.Thread):
         super().__init__(name="ffbench-watcher", daemon=True)
         self.storage = storage
         self.fanout_id = fanout_id
-        self.started = time.perf_counter()
+        self.started: float | None = None
         self.first_at: float | None = None
         self.settled_at: float | None = None
         self.status: FanoutStatus | None = None
+        self.ready = threading.Event()
         self.settled = threading.Event()
+        self._go = threading.Event()
         self._halt = threading.Event()
         self.error: BaseException | None = None
 
+    def begin(self) -> float:
+        """Start the clock and the polling; call once :attr:`ready` is set. Returns the start."""
+        self.started = time.perf_counter()
+        self._go.set()
+        return self.started
+
     def run(self) -> None:
         try:
-            while not self._halt.is_set():
+            self.storage.ping()  # connect now, not on the clock
+            self.ready.set()
+            self._go.wait()
+            while not self._halt.is_set() and self.started is not None:
                 status = self.storage.fanout_status(self.fanout_id)
                 now = time.perf_counter()
                 if status is not None:
@@ -103,10 +115,12 @@ class _Watcher(threading.Thread):
                 self._halt.wait(_FINE_POLL_S if now - self.started < _FINE_FOR_S else _POLL_S)
         except BaseException as e:  # surfaced by the caller
             self.error = e
+            self.ready.set()
             self.settled.set()
 
     def stop(self) -> None:
         self._halt.set()
+        self._go.set()
         self.join(timeout=5)
 
 
@@ -167,7 +181,11 @@ def measure_fanout(
     try:
         with memory:
             watcher.start()
-            started = watcher.started
+            if not watcher.ready.wait(30):
+                raise RuntimeError("the fanout watcher did not connect to Redis in 30 s")
+            if watcher.error is not None:
+                raise watcher.error
+            started = watcher.begin()
             receipt = manager.add_user_activity(user, activity)
             result.producer_s = time.perf_counter() - started
             result.planned_in_background = receipt.planned_in_background

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 
 from benchmarks.backend import parse_backend_name
+from benchmarks.fanout import _Watcher
 from benchmarks.recommend import check_targets, cost_model, recommend, verify_priority
 from benchmarks.run import plan_for
 from feedfan.dispatch import resolve_dispatcher_class
+from feedfan.storage.redis import RedisStorage
 from feedfan.testing.plugin import in_ci
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -335,3 +337,28 @@ def test_when_no_size_keeps_the_bound_with_one_worker_a_dedicated_high_worker_de
         recommendation, sweep, lambda chunk: _priority_section(chunk, 2.5, 2.4)
     )
     assert verified["chunk_size"] == 100 and verified.get("layout", "shared") == "shared"
+
+
+def test_a_fanout_is_timed_from_a_watcher_already_connected_and_polling_from_its_start(
+    feedfan_redis_url: str,
+) -> None:
+    # Given a watcher of a fanout that has not started, on a storage not yet connected
+    storage = RedisStorage(url=feedfan_redis_url, key_prefix=f"w-{os.getpid()}:")
+    watcher = _Watcher(storage, "a" * 24)
+    try:
+        # When it is started and reports ready
+        watcher.start()
+        assert watcher.ready.wait(10)
+
+        # Then its connection is made before the clock starts, and it polls only once begun
+        assert storage.client.connection_pool._created_connections == 1
+        assert watcher.started is None and watcher.status is None
+        storage.begin_fanout("a" * 24, {})
+        storage.end_planning("a" * 24, 0)
+        started = watcher.begin()
+        assert watcher.settled.wait(10) and watcher.error is None
+        assert watcher.settled_at is not None and watcher.settled_at >= started
+    finally:
+        watcher.stop()
+        storage.clear()
+        storage.close()
