@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,6 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import kombu
 import pytest
@@ -40,6 +38,7 @@ from feedfan.task import ChunkTask
 from feedfan.testing import Harness, MyStreamManager, WorkerProcess, make_user, wait_for
 from feedfan.testing.managers import CHUNK_DELAY_VARIABLE, follower_ids, started_chunks
 from feedfan.testing.plugin import in_ci
+from feedfan.testing.rabbit import RabbitControl
 
 HIGH, LOW = FanoutPriority.HIGH, FanoutPriority.LOW
 _DEFAULTS = load_settings(env={}, read_files=False)
@@ -427,51 +426,37 @@ def test_a_worker_serving_both_queues_on_redis_takes_every_high_chunk_first(
     assert order == ["high"] * 4 + ["low"] * 4
 
 
-def _rabbitmqctl_rows(*args: str) -> list[list[str]]:
-    tool = shutil.which("rabbitmqctl")
-    if tool is None:
+@pytest.fixture
+def rabbit(
+    feedfan_redis_url: str, feedfan_amqp_url: str, tmp_path: Path
+) -> Iterator[tuple[Harness, RabbitControl]]:
+    """Celery on RabbitMQ, with workers started by the test, and rabbitmqctl on its vhost."""
+    if not RabbitControl.available():
         message = "rabbitmqctl is not on PATH: the test reads RabbitMQ's consumers with it"
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
-    result = subprocess.run(
-        [tool, "-q", "--no-table-headers", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
-
-
-@pytest.fixture
-def rabbit(
-    feedfan_redis_url: str, feedfan_amqp_url: str, tmp_path: Path
-) -> Iterator[tuple[Harness, str]]:
-    """Celery on RabbitMQ, with workers started by the test, and the name of the vhost."""
     harness = Harness(
         "celery", log_dir=tmp_path, redis_url=feedfan_redis_url, broker_url=feedfan_amqp_url
     )
     try:
-        yield harness, unquote(urlsplit(feedfan_amqp_url).path[1:]) or "/"
+        yield harness, RabbitControl(feedfan_amqp_url)
     finally:
         harness.close()
 
 
 @pytest.mark.broker
 def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_queue(
-    rabbit: tuple[Harness, str],
+    rabbit: tuple[Harness, RabbitControl],
 ) -> None:
     # Given a worker serving both queues on RabbitMQ, two processes
-    harness, vhost = rabbit
+    harness, control = rabbit
     settings = harness.settings(worker_concurrency=2)
     harness.start_worker(settings)
     queues = (settings.queue_high, settings.queue_low)
 
     def consumers() -> dict[str, tuple[str, int]]:
-        rows = _rabbitmqctl_rows(
-            "list_consumers", "-p", vhost, "queue_name", "channel_pid", "prefetch_count"
-        )
+        rows = control.rows("list_consumers", "queue_name", "channel_pid", "prefetch_count")
         return {row[0]: (row[1], int(row[2])) for row in rows if row[0] in queues}
 
     # When it has subscribed to both
@@ -492,7 +477,7 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
     channels = {channel for channel, _ in found.values()}
     shared = {
         row[0]: int(row[1])
-        for row in _rabbitmqctl_rows("list_channels", "pid", "global_prefetch_count")
+        for row in control.node_rows("list_channels", "pid", "global_prefetch_count")
         if row[0] in channels
     }
     assert shared == dict.fromkeys(channels, 0)
@@ -500,11 +485,11 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
 
 @pytest.mark.broker
 def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_limit_back(
-    rabbit: tuple[Harness, str],
+    rabbit: tuple[Harness, RabbitControl],
 ) -> None:
     # Given a worker of both queues on RabbitMQ running two slow chunks, more waiting
-    harness, vhost = rabbit
-    if vhost == "/":
+    harness, control = rabbit
+    if not control.own_vhost:
         message = "rabbitmqctl made no vhost of this session's own, and / is not ours to cut"
         if in_ci():
             pytest.fail(message)
@@ -517,7 +502,7 @@ def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_li
     queues = (settings.queue_high, settings.queue_low)
 
     def limits() -> dict[str, int]:
-        rows = _rabbitmqctl_rows("list_consumers", "-p", vhost, "queue_name", "prefetch_count")
+        rows = control.rows("list_consumers", "queue_name", "prefetch_count")
         return {row[0]: int(row[1]) for row in rows if row[0] in queues}
 
     wait_for(lambda: len(limits()) == 2, timeout=60, message=harness.worker_logs())
@@ -529,14 +514,7 @@ def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_li
     )
 
     # When the broker drops the worker's connection while they run
-    tool = shutil.which("rabbitmqctl")
-    assert tool is not None  # (_rabbitmqctl_rows ran it above)
-    subprocess.run(
-        [tool, "-q", "close_all_connections", "--vhost", vhost, "--limit", "1000", "test"],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
+    assert control.close_connections() >= 1
     wait_for(
         lambda: "Connection to broker lost" in harness.worker_logs() and len(limits()) == 2,
         timeout=60,
@@ -581,7 +559,7 @@ def test_the_pool_semaphore_runs_waiting_high_requests_first_each_in_arrival_ord
 
 @pytest.mark.broker
 def test_a_worker_of_both_queues_on_rabbitmq_runs_a_waiting_high_chunk_before_a_waiting_low_one(
-    rabbit: tuple[Harness, str],
+    rabbit: tuple[Harness, RabbitControl],
 ) -> None:
     # Given a one-process worker of both queues on RabbitMQ, running a slow HIGH chunk
     harness, _ = rabbit

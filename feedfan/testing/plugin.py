@@ -15,15 +15,15 @@ need it locally and fails them when ``CI`` is set.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote, urlsplit
 
 import pytest
 import redis
+
+from feedfan.testing.rabbit import rabbitmqctl
 
 __all__ = ["feedfan_amqp_url", "feedfan_redis_url", "in_ci", "unreachable"]
 
@@ -78,13 +78,8 @@ def feedfan_redis_url() -> Iterator[str]:
 
 
 def _rabbitmqctl(*args: str) -> bool:
-    tool = shutil.which("rabbitmqctl")
-    if tool is None:
-        return False
-    result = subprocess.run(
-        [tool, "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    return result.returncode == 0
+    result = rabbitmqctl(*args)
+    return result is not None and result.returncode == 0
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,13 @@ connection open (the machine is shared; another session's tests would fail).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import psutil
 import redis
@@ -30,6 +26,7 @@ from feedfan.manager import Manager
 from feedfan.storage.redis import RedisStorage
 from feedfan.testing import Harness, WorkerProcess
 from feedfan.testing.managers import started_chunks
+from feedfan.testing.rabbit import RabbitControl
 
 __all__ = [
     "ProcessTree",
@@ -245,86 +242,3 @@ def drop_redis_clients(url: str) -> int:
         return killed
     finally:
         admin.close()
-
-
-# RabbitMQ --------------------------------------------------------------------
-
-
-@dataclass
-class RabbitControl:
-    """``rabbitmqctl`` on this session's virtual host."""
-
-    url: str
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def vhost(self) -> str:
-        """The virtual host of ``url`` (``/`` when the URL names none)."""
-        path = urlsplit(self.url).path
-        return unquote(path[1:]) if len(path) > 1 else "/"
-
-    def _ctl(self, *args: str, timeout: float = 120) -> str:
-        tool = shutil.which("rabbitmqctl")
-        if tool is None:
-            raise AssertionError("rabbitmqctl is not on PATH; the RabbitMQ drills need it")
-        result = subprocess.run(
-            [tool, "-q", *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-        self.log.append(f"rabbitmqctl {' '.join(args)} -> {result.returncode}")
-        if result.returncode != 0:
-            raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def connections(self) -> list[tuple[str, str]]:
-        """Open connections of the whole node as ``(vhost, name)``."""
-        out = self._ctl("list_connections", "--formatter", "json", "vhost", "name")
-        return [(row["vhost"], row["name"]) for row in json.loads(out or "[]")]
-
-    def close_connections(self) -> int:
-        """Close every connection of this virtual host (not others'); return how many closed."""
-        if self.vhost == "/":
-            raise AssertionError(
-                "refusing to close the connections of the default virtual host, which other "
-                "sessions share; the drills need rabbitmqctl to make a vhost of their own"
-            )
-        out = self._ctl(
-            "close_all_connections",
-            "--vhost",
-            self.vhost,
-            "--limit",
-            "10000",
-            "feedfan outage drill",
-        )
-        found = re.search(r"Closed (\d+) connection", out)
-        return int(found.group(1)) if found else 0
-
-    def others_connected(self) -> int:
-        """Connections of other virtual hosts: other people's work on this shared broker."""
-        return sum(1 for vhost, _ in self.connections() if vhost != self.vhost)
-
-    def restart_app(self, *, down_for: float, on_down: Callable[[], None] | None = None) -> None:
-        """Stop the RabbitMQ application for ``down_for`` s, run ``on_down``, start it again.
-
-        ``start_app`` is scheduled in a detached process before ``stop_app``
-        runs, so the broker comes back even if this test process dies in
-        between; then this waits until RabbitMQ serves again.
-        """
-        tool = shutil.which("rabbitmqctl")
-        if tool is None:
-            raise AssertionError("rabbitmqctl is not on PATH; the RabbitMQ drills need it")
-        switch = subprocess.Popen(
-            ["sh", "-c", f'sleep {down_for:g}; exec "$0" -q start_app', tool],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.log.append(f"scheduled start_app in {down_for:g} s (pid {switch.pid})")
-        try:
-            self._ctl("stop_app")
-            if on_down is not None:
-                on_down()
-        finally:
-            switch.wait(timeout=down_for + 180)
-            # Again from here, in case the switch raced a slow stop_app; a no-op if it runs.
-            self._ctl("start_app", timeout=180)
-            self._ctl("await_startup", "--timeout", "120", timeout=180)

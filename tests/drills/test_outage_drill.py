@@ -94,7 +94,7 @@ def test_outages_lose_nothing_and_workers_reconnect_by_themselves(drill: Drill) 
 
     def drop_connections() -> str:
         if rabbit is not None:
-            return f"closed {rabbit.close_connections()} AMQP connections"
+            return f"closed {rabbit.close_connections('feedfan outage drill')} AMQP connections"
         return f"dropped {drop_redis_clients(redis_url)} Redis clients"
 
     # Given no worker runs, when the producer's connections drop half-way through a fanout
