@@ -131,6 +131,12 @@ def _routing_key(waiter: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> str | N
     return info.get("routing_key") if isinstance(info, dict) else None
 
 
+class _Waiting(tuple):  # type: ignore[type-arg]
+    """A request from a queue other than HIGH, with how many HIGH ones went ahead of it."""
+
+    passed = 0
+
+
 class _HighFirst:
     """The waiting line of a worker's pool: requests from the HIGH queue go ahead of the rest.
 
@@ -138,22 +144,36 @@ class _HighFirst:
     process was busy in the pool semaphore's line, first come first served,
     so a HIGH chunk that arrives after a reserved LOW one runs after it.
     Installed as the semaphore's ``_add_waiter``; HIGH requests keep their
-    order among themselves, as do the others.
+    order among themselves, as do the others. A waiting request goes behind
+    at most twice the process count of HIGH ones: under a steady flow of
+    HIGH chunks a LOW chunk the worker holds still runs, instead of sitting
+    unacknowledged until the broker's consumer timeout.
     """
 
-    def __init__(self, waiting: deque[Any], high_queue: str) -> None:
-        self.waiting = waiting
+    def __init__(self, semaphore: Any, high_queue: str) -> None:
+        self.semaphore = semaphore
+        self.waiting: deque[Any] = semaphore._waiting
         self.high_queue = high_queue
+
+    @property
+    def overtakes(self) -> int:
+        """How many HIGH requests may go ahead of one other request."""
+        return max(1, 2 * int(self.semaphore.initial_value))
 
     def __call__(self, waiter: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> None:
         if _routing_key(waiter) != self.high_queue:
-            self.waiting.append(waiter)
+            self.waiting.append(_Waiting(waiter))
             return
-        for index, queued in enumerate(self.waiting):
-            if _routing_key(queued) != self.high_queue:
-                self.waiting.insert(index, waiter)
-                return
-        self.waiting.append(waiter)
+        limit = self.overtakes
+        index = len(self.waiting)
+        while index > 0:
+            before = self.waiting[index - 1]
+            if not isinstance(before, _Waiting) or before.passed >= limit:
+                break  # behind the HIGH requests, and those passed over enough
+            index -= 1
+        for index_passed in range(index, len(self.waiting)):
+            self.waiting[index_passed].passed += 1
+        self.waiting.insert(index, waiter)
 
 
 def high_first(semaphore: Any, high_queue: str) -> bool:
@@ -162,12 +182,12 @@ def high_first(semaphore: Any, high_queue: str) -> bool:
     if not isinstance(semaphore, LaxBoundedSemaphore) or not isinstance(waiting, deque):
         return False
     if not isinstance(semaphore._add_waiter, _HighFirst):
-        semaphore._add_waiter = _HighFirst(waiting, high_queue)
+        semaphore._add_waiter = _HighFirst(semaphore, high_queue)
     return True
 
 
 def _reserve_more_high(c: Any, high_queue: str) -> None:
-    """On RabbitMQ, let the HIGH queue's consumer hold two chunks per process, not one.
+    """On RabbitMQ, let a worker of both queues hold two HIGH chunks per process, not one.
 
     With a limit of one per process the broker sends the next HIGH chunk only
     once one is acknowledged, and by then the freed process has taken a
@@ -178,6 +198,8 @@ def _reserve_more_high(c: Any, high_queue: str) -> None:
     consumer = c.task_consumer
     if consumer is None or c.connection.transport.driver_type != "amqp":
         return
+    if len(getattr(consumer, "queues", None) or ()) < 2:
+        return  # a worker of the HIGH queue alone has no LOW chunk to run first
     original = getattr(consumer, "_basic_consume", None)
     if original is None or not isinstance(getattr(consumer, "_active_tags", None), dict):
         logger.warning(

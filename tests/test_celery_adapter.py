@@ -534,27 +534,53 @@ class _Waiting:
         self.delivery_info = {"routing_key": routing_key} if routing_key else None
 
 
-def test_the_pool_semaphore_runs_waiting_high_requests_first_each_in_arrival_order() -> None:
-    # Given Celery's pool semaphore of one process, made HIGH first, with the process busy
-    semaphore = LaxBoundedSemaphore(1)
+def _busy_semaphore(processes: int) -> tuple[LaxBoundedSemaphore, list[str]]:
+    """Celery's pool semaphore made HIGH first, every process busy; and the list of what ran."""
+    semaphore = LaxBoundedSemaphore(processes)
     assert _celery_guard.high_first(semaphore, "ff.high")
     ran: list[str] = []
-    semaphore.acquire(ran.append, "running")
+    for number in range(processes):
+        semaphore.acquire(ran.append, f"running{number}")
+    return semaphore, ran
 
-    # When requests arrive from both queues (and one without delivery info) while it runs
+
+def _arrive(semaphore: LaxBoundedSemaphore, ran: list[str], name: str, key: str | None) -> None:
+    semaphore.acquire(lambda request: ran.append(request.name), _Waiting(name, key))
+
+
+def test_the_pool_semaphore_runs_waiting_high_requests_first_each_in_arrival_order() -> None:
+    # Given Celery's pool semaphore of two processes, made HIGH first, both processes busy
+    semaphore, ran = _busy_semaphore(2)
+
+    # When requests arrive from both queues (and one without delivery info) while they run
     arrivals = [("low1", "ff.low"), ("high1", "ff.high"), ("odd", None), ("high2", "ff.high")]
     arrivals += [("low2", "ff.low"), ("high3", "ff.high")]
     for name, routing_key in arrivals:
-        semaphore.acquire(lambda request: ran.append(request.name), _Waiting(name, routing_key))
+        _arrive(semaphore, ran, name, routing_key)
     for _ in arrivals:
         semaphore.release()
 
     # Then HIGH ones run first, each group in the order it arrived
-    assert ran == ["running", "high1", "high2", "high3", "low1", "odd", "low2"]
+    assert ran == ["running0", "running1", "high1", "high2", "high3", "low1", "odd", "low2"]
     # and installing it twice changes nothing; a semaphore of another kind is left alone
     assert _celery_guard.high_first(semaphore, "ff.high")
     assert isinstance(semaphore._add_waiter, _celery_guard._HighFirst)
     assert not _celery_guard.high_first(object(), "ff.high")
+
+
+def test_a_waiting_low_request_goes_behind_at_most_twice_the_process_count_of_high_ones() -> None:
+    # Given a one-process pool, HIGH first, with a LOW request waiting
+    semaphore, ran = _busy_semaphore(1)
+    _arrive(semaphore, ran, "low", "ff.low")
+
+    # When HIGH requests keep arriving, one more each time a request finishes
+    for number in range(6):
+        _arrive(semaphore, ran, f"high{number}", "ff.high")
+        semaphore.release()
+
+    # Then the LOW request runs after two of them, not after the flow of HIGH ones ends
+    assert ran[:4] == ["running0", "high0", "high1", "low"]
+    assert ran[4:] == ["high2", "high3", "high4"]
 
 
 @pytest.mark.broker
@@ -567,7 +593,7 @@ def test_a_worker_of_both_queues_on_rabbitmq_runs_a_waiting_high_chunk_before_a_
     manager = harness.manager(settings)
     storage = manager.storage
     assert isinstance(storage, RedisStorage)
-    harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "1.5"})
+    harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "2"})
     first, later = _chunks(2, HIGH)
     (low,) = _chunks(1, LOW)
     assert manager.dispatcher.enqueue_many([first]) == 1
