@@ -136,8 +136,10 @@ class Storage(ABC):
         ``clear_failure``, counts that failed chunk as pending again
         (:meth:`clear_chunk_failure`). Each part is idempotent, so a step
         that fails partway is completed by running it again. This default
-        makes the calls in turn; :class:`~feedfan.storage.redis.RedisStorage`
-        sends them in one round trip.
+        makes the calls in turn and stops at the first that fails;
+        :class:`~feedfan.storage.redis.RedisStorage` sends them in one round
+        trip, where the parts after a failed one are still applied (the
+        error is raised all the same).
         """
         self.store_activities(activities)
         for batch in writes:
