@@ -11,7 +11,8 @@ The rule, per backend:
    chunks time out or be delivered twice.
 3. **Priority**: a HIGH chunk sent while the workers are busy with LOW ones
    waits for the LOW chunk its slot is running and, with a prefetch of one,
-   the LOW chunk the worker already reserved; to keep a HIGH fanout under a
+   at most the LOW chunk the worker already reserved (Celery on RabbitMQ
+   runs reserved HIGH chunks first); to keep a HIGH fanout under a
    backlog within twice its idle time, keep sizes whose task duration is at
    most half the idle HIGH fanout time measured in the sweep.
 4. If no plateau size passes 2 and 3, the fastest size that does (the
@@ -184,7 +185,7 @@ def recommend(sweep: dict[str, Any]) -> dict[str, Any]:
         too_long = [str(p["chunk_size"]) for p in points if _task_seconds(p, concurrency) > budget]
         reasons.append(
             f"priority: a HIGH chunk sent behind LOW work waits for the LOW chunk its slot runs "
-            f"and one reserved; a HIGH fanout of {sweep.get('high_followers', 0):,} followers "
+            f"and at most one reserved; a HIGH fanout of {sweep.get('high_followers', 0):,} followers "
             f"takes {idle * 1000:.0f} ms on idle queues, so a chunk should hold a worker at most "
             f"{budget * 1000:.0f} ms" + (f" (too long: {', '.join(too_long)})" if too_long else "")
         )
