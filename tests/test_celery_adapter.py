@@ -484,6 +484,31 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
 
 
 @pytest.mark.broker
+def test_a_worker_of_the_high_queue_alone_keeps_a_limit_of_one_chunk_per_process(
+    rabbit: tuple[Harness, RabbitControl],
+) -> None:
+    # Given a worker of the HIGH queue only, on RabbitMQ, two processes
+    harness, control = rabbit
+    settings = harness.settings(worker_concurrency=2)
+    harness.start_worker(settings, priority="high")
+
+    def limits() -> dict[str, int]:
+        rows = control.rows("list_consumers", "queue_name", "prefetch_count")
+        return {row[0]: int(row[1]) for row in rows if row[0] in (settings.queue_high,)}
+
+    # When it has subscribed
+    wait_for(
+        lambda: len(limits()) == 1,
+        timeout=60,
+        message=f"the worker did not consume its queue\n{harness.worker_logs()}",
+    )
+
+    # Then it may hold one chunk per process: with no LOW chunk to run first, more HIGH
+    # chunks held here could only wait while another worker idles
+    assert limits() == {settings.queue_high: 2}
+
+
+@pytest.mark.broker
 def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_limit_back(
     rabbit: tuple[Harness, RabbitControl],
 ) -> None:
