@@ -4,9 +4,9 @@ Progress is read from the manager's own counters (``fanout_status``: chunks
 done out of the total) by a watcher thread that is running, its Redis
 connection made, before the clock starts and ``add_user_activity`` is
 called: the first chunk is seen even when it is done before the producer
-returns, and neither the thread's start nor its connection is timed. When the counters say the fanout is
-complete, a sample of follower feeds is read back to check that they hold
-the activity.
+returns, and neither the thread's start nor its connection is timed. When
+the counters say the fanout is complete, a sample of follower feeds is read
+back to check that they hold the activity.
 """
 
 from __future__ import annotations

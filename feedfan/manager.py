@@ -334,7 +334,7 @@ class Manager:
         activity = self._check_activity(activity)
         entry = (activity.id, activity.sort_key)
         own = self._user_feed_write("add", user_id, entry)
-        return self._fanout("add", user_id, [entry], activities=[activity], own=own)
+        return self._fanout("add", user_id, [entry], activities=[activity], writes=[own])
 
     def remove_user_activity(self, user_id: ObjectId, activity: Activity | str) -> FanoutReceipt:
         """Remove an activity (or an activity id) from the author's feed and every follower's."""
@@ -347,7 +347,7 @@ class Manager:
             checked = self._check_activity(activity)
             entry = (checked.id, checked.sort_key)
         own = self._user_feed_write("remove", user_id, entry)
-        return self._fanout("remove", user_id, [entry], own=own)
+        return self._fanout("remove", user_id, [entry], writes=[own])
 
     # Fanout -------------------------------------------------------------------
 
@@ -358,10 +358,10 @@ class Manager:
         entries: Sequence[tuple[str, int]],
         *,
         activities: Sequence[Activity] = (),
-        own: WriteBatch,
+        writes: Sequence[WriteBatch],
     ) -> FanoutReceipt:
-        """Fan ``entries`` out; the activity bodies and the author's own feed write
-        (``own``) go to storage with the fanout's start, in one step."""
+        """Fan ``entries`` out; the activity bodies and ``writes`` (the author's own
+        feed) go to storage with the fanout's start, in one step."""
         feeds = tuple(self.registered_feeds)
         activity_ids = [activity_id for activity_id, _ in entries]
         fanout_id = make_fanout_id(op, user_id, activity_ids, feeds)
@@ -382,14 +382,21 @@ class Manager:
                 fanout_id,
                 describe_fanout(op, user_id, activity_ids),
                 activities=activities,
-                writes=[own],
+                writes=writes,
             )
             self.dispatcher.enqueue(plan)
             return FanoutReceipt(
                 fanout_id, tuple(activity_ids), 0, 0, 0, 0, planned_in_background=True
             )
         return self._plan_and_send(
-            op, user_id, feeds, entries, fanout_id, lookup=lookup, activities=activities, own=own
+            op,
+            user_id,
+            feeds,
+            entries,
+            fanout_id,
+            lookup=lookup,
+            activities=activities,
+            writes=writes,
         )
 
     def _background_start(self, user_id: ObjectId, lookup: _Lookup) -> FanoutPriority | None:
@@ -425,7 +432,7 @@ class Manager:
         chunk_size: int | None = None,
         lookup: _Lookup | None = None,
         activities: Sequence[Activity] = (),
-        own: WriteBatch | None = None,
+        writes: Sequence[WriteBatch] = (),
     ) -> FanoutReceipt:
         groups = (lookup or _Lookup(self, user_id)).groups()
         activity_ids = tuple(activity_id for activity_id, _ in entries)
@@ -434,7 +441,7 @@ class Manager:
             fanout_id,
             describe_fanout(op, user_id, activity_ids),
             activities=activities,
-            writes=[own] if own is not None else [],
+            writes=writes,
             clear_failure=PLAN_CHUNK,
         )
         counts = {FanoutPriority.HIGH: 0, FanoutPriority.LOW: 0}

@@ -13,7 +13,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -445,6 +445,18 @@ def rabbit(
         harness.close()
 
 
+def _consumers(control: RabbitControl, queues: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """``queue: (channel, prefetch limit)`` of each consumer of ``queues``, as RabbitMQ lists it."""
+    wanted = set(queues)
+    rows = control.rows("list_consumers", "queue_name", "channel_pid", "prefetch_count")
+    return {row[0]: (row[1], int(row[2])) for row in rows if row[0] in wanted}
+
+
+def _limits(control: RabbitControl, queues: Iterable[str]) -> dict[str, int]:
+    """``queue: prefetch limit`` of each consumer of ``queues``."""
+    return {queue: limit for queue, (_, limit) in _consumers(control, queues).items()}
+
+
 @pytest.mark.broker
 def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_queue(
     rabbit: tuple[Harness, RabbitControl],
@@ -455,13 +467,9 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
     harness.start_worker(settings)
     queues = (settings.queue_high, settings.queue_low)
 
-    def consumers() -> dict[str, tuple[str, int]]:
-        rows = control.rows("list_consumers", "queue_name", "channel_pid", "prefetch_count")
-        return {row[0]: (row[1], int(row[2])) for row in rows if row[0] in queues}
-
     # When it has subscribed to both
     wait_for(
-        lambda: len(consumers()) == 2,
+        lambda: len(_consumers(control, queues)) == 2,
         timeout=60,
         message=f"the worker did not consume both queues\n{harness.worker_logs()}",
     )
@@ -469,7 +477,7 @@ def test_a_worker_serving_both_queues_on_rabbitmq_has_a_prefetch_limit_for_each_
     # Then each queue's consumer has a limit of its own, whatever the other holds (no limit
     # shared by the channel, with which LOW chunks could keep HIGH ones waiting): a chunk
     # per process on LOW, two on HIGH, so the next HIGH chunks wait in the worker, ready
-    found = consumers()
+    found = _consumers(control, queues)
     assert {queue: prefetch for queue, (_, prefetch) in found.items()} == {
         settings.queue_high: 4,
         settings.queue_low: 2,
@@ -491,21 +499,18 @@ def test_a_worker_of_the_high_queue_alone_keeps_a_limit_of_one_chunk_per_process
     harness, control = rabbit
     settings = harness.settings(worker_concurrency=2)
     harness.start_worker(settings, priority="high")
-
-    def limits() -> dict[str, int]:
-        rows = control.rows("list_consumers", "queue_name", "prefetch_count")
-        return {row[0]: int(row[1]) for row in rows if row[0] in (settings.queue_high,)}
+    queues = (settings.queue_high,)
 
     # When it has subscribed
     wait_for(
-        lambda: len(limits()) == 1,
+        lambda: len(_limits(control, queues)) == 1,
         timeout=60,
         message=f"the worker did not consume its queue\n{harness.worker_logs()}",
     )
 
     # Then it may hold one chunk per process: with no LOW chunk to run first, more HIGH
     # chunks held here could only wait while another worker idles
-    assert limits() == {settings.queue_high: 2}
+    assert _limits(control, queues) == {settings.queue_high: 2}
 
 
 @pytest.mark.broker
@@ -525,12 +530,7 @@ def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_li
     assert isinstance(storage, RedisStorage)
     harness.start_worker(settings, env={CHUNK_DELAY_VARIABLE: "3"})
     queues = (settings.queue_high, settings.queue_low)
-
-    def limits() -> dict[str, int]:
-        rows = control.rows("list_consumers", "queue_name", "prefetch_count")
-        return {row[0]: int(row[1]) for row in rows if row[0] in queues}
-
-    wait_for(lambda: len(limits()) == 2, timeout=60, message=harness.worker_logs())
+    wait_for(lambda: len(_limits(control, queues)) == 2, timeout=60, message=harness.worker_logs())
     assert manager.dispatcher.enqueue_many(_chunks(6, LOW)) == 6
     wait_for(
         lambda: len(started_chunks(storage)) >= 2,
@@ -541,14 +541,17 @@ def test_after_a_connection_loss_with_chunks_running_the_worker_gets_its_full_li
     # When the broker drops the worker's connection while they run
     assert control.close_connections() >= 1
     wait_for(
-        lambda: "Connection to broker lost" in harness.worker_logs() and len(limits()) == 2,
+        lambda: (
+            "Connection to broker lost" in harness.worker_logs()
+            and len(_limits(control, queues)) == 2
+        ),
         timeout=60,
         message=f"the worker did not consume again\n{harness.worker_logs()}",
     )
 
     # Then each queue's consumer gets its full limit again: Celery's lowered limit for
     # the chunks that were running is not left behind on the new consumers
-    assert limits() == {settings.queue_high: 4, settings.queue_low: 2}
+    assert _limits(control, queues) == {settings.queue_high: 4, settings.queue_low: 2}
 
 
 class _Waiting:

@@ -364,7 +364,7 @@ class RedisStorage(Storage):
                 if attempt == 0 and any(isinstance(e, NoScriptError) for e in errors):
                     # A flushed or restarted Redis: load the scripts and run it all again,
                     # every part being idempotent.
-                    for script, _, _ in calls:
+                    for script in {script for script, _, _ in calls}:
                         script.sha = self.client.script_load(script.script)
                     continue
                 if errors:
