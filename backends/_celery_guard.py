@@ -234,6 +234,10 @@ class FeedfanConsumer(Consumer):  # type: ignore[misc]
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A worker that cannot load feedfan's settings and app (the module is not on the
+        # path, a setting is wrong) would take chunks only to fail each one: it does not
+        # start. The error names the setting and the fix.
+        get_runner()
         super().__init__(*args, **kwargs)
         # Celery asks RabbitMQ 3.3 to 3.13 for a prefetch limit shared by the
         # channel's consumers ("global" QoS), so a worker of both queues gets

@@ -1186,3 +1186,30 @@ def test_a_redis_broker_that_retries_on_timeout_still_takes_every_task(
         )
     finally:
         harness.close()
+
+
+@pytest.mark.broker
+def test_feedfan_worker_whose_app_does_not_import_exits_naming_it(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given settings whose app names a module that is not there (a worker started from
+    # the wrong folder): its chunks would fail, one by one, with nothing kept
+    settings = harness.settings(app="feedfan_no_such_module_here:PinManager")
+    env = {**os.environ, **settings.to_env()}
+
+    # When `feedfan worker` starts
+    run = subprocess.run(
+        [sys.executable, "-m", "feedfan", "worker", "--priority", "all"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    # Then it exits at once with an error, before consuming, naming the app
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert "feedfan_no_such_module_here" in output
+    assert "ready" not in output.lower().split("feedfan_no_such_module_here")[0]
