@@ -74,6 +74,11 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:  # noqa: R
         print(command.shell())
         return 0
     dispatcher.close()
+    # Every worker loads the app to run a chunk: one that does not load is said here, once,
+    # rather than by a worker that fails each chunk or a pool that restarts without end.
+    from feedfan.runner import load_app
+
+    load_app(settings.app, settings).close()
     os.execvpe(command.argv[0], command.argv, env)
 
 
@@ -272,6 +277,10 @@ def main(
     """
     parser = build_parser(prog=prog)
     args = parser.parse_args(argv)
+    # `--app` names a module of the project the command runs in, as for `celery -A`,
+    # `rq worker` and `dramatiq`; a console script's path starts at its own folder.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         settings = load_settings(_overrides(args), extra_layers=extra_layers)
         return _COMMANDS[args.command](args, settings)

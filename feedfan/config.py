@@ -14,6 +14,7 @@ import difflib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +336,27 @@ def _unknown_message(name: str, source: str) -> str:
     return f"unknown setting {name!r} (from {source}).{hint} Known settings: {', '.join(_SPECS)}."
 
 
+def _warn_near_misses(environment: Mapping[str, str]) -> None:
+    """Warn of a ``FEEDFAN_`` variable that is no setting's but nearly one's: a typo.
+
+    Not an error, as an unknown key in a file is: other ``FEEDFAN_`` variables
+    exist (``FEEDFAN_CONFIG``, the drills' and benchmarks' own), and a stray
+    variable must not stop a service. One close to no setting is left alone.
+    """
+    variables = {ENV_PREFIX + name.upper(): name for name in _SPECS}
+    for variable in environment:
+        if not variable.startswith(ENV_PREFIX) or variable in variables:
+            continue
+        close = difflib.get_close_matches(variable, list(variables), n=1, cutoff=0.9)
+        if close:
+            warnings.warn(
+                f"environment variable {variable} is not a feedfan setting and is ignored; "
+                f"did you mean {close[0]}? (settings: feedfan config)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 def find_config_file(start: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Find the nearest ``feedfan.toml`` or ``pyproject.toml`` with ``[tool.feedfan]``.
 
@@ -411,6 +433,7 @@ def load_settings(
         if variable in environment:
             values[name] = environment[variable]
             sources[name] = f"environment variable {variable}"
+    _warn_near_misses(environment)
     layer(overrides or {}, lambda key: f"argument {key}")
     for name, spec in _SPECS.items():
         values.setdefault(name, spec.default)

@@ -9,6 +9,7 @@ the entry-point group ``feedfan.dispatchers``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import shlex
@@ -412,9 +413,12 @@ def resolve_dispatcher_class(name: str) -> type[TaskDispatcher]:
             except (ImportError, AttributeError, ValueError) as e:
                 raise UnknownDispatcherError(f"could not import dispatcher {name!r}: {e}") from e
         else:
+            known = available_dispatchers()
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UnknownDispatcherError(
-                f"unknown dispatcher {name!r}; known: {', '.join(available_dispatchers())}, "
-                "or a dotted path such as 'mypackage.queues:MyDispatcher'."
+                f"unknown dispatcher {name!r}; known: {', '.join(known)}, "
+                f"or a dotted path such as 'mypackage.queues:MyDispatcher'.{hint}"
             )
     if not (isinstance(found, type) and issubclass(found, TaskDispatcher)):
         raise UnknownDispatcherError(

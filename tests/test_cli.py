@@ -74,3 +74,50 @@ def test_bad_arguments_exit_2() -> None:
     with pytest.raises(SystemExit) as raised:
         main(["worker", "--priority", "urgent"])
     assert raised.value.code == 2
+
+
+def test_the_console_script_finds_the_app_in_the_folder_it_runs_in(tmp_path: Path) -> None:
+    # Given a project folder holding the app module, as the workers' own commands
+    # (celery -A, rq worker, dramatiq) find it from there
+    (tmp_path / "cwdproject.py").write_text(
+        "from feedfan import Manager\n"
+        "class M(Manager):\n"
+        "    def get_user_follower_ids(self, user_id):\n"
+        "        return {'high': range(0), 'low': range(0)}\n"
+    )
+    script = Path(sys.executable).with_name("feedfan")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEEDFAN_")}
+    clean.pop("PYTHONPATH", None)
+
+    # When the `feedfan` console script checks the app from there
+    result = subprocess.run(
+        [str(script), "check", "--app", "cwdproject:M", "--dispatcher", "local"],
+        cwd=tmp_path,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    # Then it imports the module, as the workers do
+    assert "No module named 'cwdproject'" not in result.stdout + result.stderr
+    assert "app.unusable" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("dispatcher", ["celery", "rq", "dramatiq"])
+def test_feedfan_worker_with_an_app_that_does_not_import_exits_2_before_starting_the_worker(
+    tmp_path: Path, dispatcher: str
+) -> None:
+    # Given an app setting naming a module that is not there (the wrong folder, a typo)
+    argv = ["worker", "--app", "feedfan_no_such_module:M", "--dispatcher", dispatcher]
+
+    # When `feedfan worker` is run
+    result = run(*argv, cwd=tmp_path)
+
+    # Then it says so in one line and exits 2, instead of a worker (RQ's pool restarting
+    # its children without end) failing on every start or every chunk
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("feedfan worker: app='feedfan_no_such_module:M'")
+    assert "Traceback" not in result.stderr

@@ -140,3 +140,20 @@ def test_describe_masks_passwords() -> None:
     settings = load_settings({"broker_url": "amqp://u:hunter2@h//"}, env={}, read_files=False)
     rows = {name: (value, source) for name, value, source in settings.describe()}
     assert rows["broker_url"] == ("amqp://u:***@h//", "argument broker_url")
+
+
+def test_a_misspelt_environment_variable_is_not_ignored_in_silence() -> None:
+    # Given a variable one letter away from a setting's
+    env = {"FEEDFAN_FANOUT_CHUNKSIZE": "50", "FEEDFAN_DRILL_SCALE": "small"}
+
+    # When the settings are loaded
+    with pytest.warns(UserWarning) as caught:
+        settings = load_settings(env=env, read_files=False)
+
+    # Then the default stands, and a warning names the variable and the right one;
+    # variables of feedfan's own tools, close to no setting, are left alone
+    assert settings.fanout_chunk_size == 100
+    (warning,) = caught
+    message = str(warning.message)
+    assert "FEEDFAN_FANOUT_CHUNKSIZE" in message
+    assert "FEEDFAN_FANOUT_CHUNK_SIZE" in message

@@ -158,3 +158,9 @@ def test_queue_names_come_from_settings_high_first() -> None:
     settings = load_settings({"queue_high": "a.hi", "queue_low": "a.lo"}, env={}, read_files=False)
     dispatcher = EagerDispatcher(settings)
     assert dispatcher.queue_names([FanoutPriority.LOW, FanoutPriority.HIGH]) == ["a.hi", "a.lo"]
+
+
+def test_a_misspelt_name_suggests_the_dispatcher_it_is_close_to() -> None:
+    with pytest.raises(UnknownDispatcherError) as raised:
+        resolve_dispatcher_class("celerey")
+    assert "Did you mean 'celery'?" in str(raised.value)
