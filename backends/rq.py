@@ -180,10 +180,11 @@ class RQDispatcher(TaskDispatcher):
                 if isinstance(e, (redis.ConnectionError, redis.TimeoutError))
                 else "was refused by"
             )
+            cause = str(e).rstrip(".")
             raise BrokerError(
-                f"rq dispatcher {what} Redis at {redact_url(self.url)} while {doing}: {e}. Check "
-                "that the server runs and that broker_url (FEEDFAN_BROKER_URL), or redis_url "
-                "when broker_url is unset, points at it."
+                f"rq dispatcher {what} Redis at {redact_url(self.url)} while {doing}: {cause}. "
+                "Check that the server runs and that broker_url (FEEDFAN_BROKER_URL), or "
+                "redis_url when broker_url is unset, points at it."
             ) from e
 
     # Sending ---------------------------------------------------------------

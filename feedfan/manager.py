@@ -468,9 +468,12 @@ class Manager:
             self._stop_planning(fanout_id, e)
             raise
         except DispatchError as e:
+            # Counted failed, so the fanout settles (the chunks the queue took still run)
+            # rather than looking in flight for status_ttl; adding it again reopens it.
+            self._end_failed_planning(fanout_id, e.accepted, f"not sent: {e}")
             raise type(e)(
-                f"fanout {fanout_id} of {op} by user {user_id!r}: {e}. Call the same method "
-                "again with the same activity to complete it; nothing is written twice.",
+                f"fanout {fanout_id} of {op} by user {user_id!r}: {str(e).rstrip('.')}. Call the "
+                "same method again with the same activity to complete it; nothing is written twice.",
                 accepted=e.accepted,
             ) from e
         self.storage.end_planning(fanout_id, accepted)
@@ -680,8 +683,8 @@ class Manager:
                 raise
             unsent = chunks[e.accepted - 1 :]
             reason = (
-                f"not sent while planning: {e}. Add the activity again to send it; nothing is "
-                "written twice."
+                f"not sent while planning: {str(e).rstrip('.')}. Add the activity again to send "
+                "it; nothing is written twice."
             )
             try:
                 for chunk in unsent:

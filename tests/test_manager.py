@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -88,10 +89,16 @@ def test_followers_are_streamed_not_copied_into_memory() -> None:
     assert peak < 25_000_000, f"peak {peak:,} bytes (a copied list of 1M ids is over 60 MB)"
 
 
-def test_a_queue_failure_midway_says_how_many_chunks_were_accepted_and_a_retry_completes() -> None:
+def _behind_a_queue_failing_after_two_chunks() -> tuple[MyStreamManager, CountingDispatcher]:
+    """An eager manager of two-follower chunks whose queue takes two chunks, then fails."""
     manager = MyStreamManager(dispatcher="eager", fanout_chunk_size=2)
     flaky = CountingDispatcher(manager.settings, runner=manager.runner, fail_after=2)
     manager.dispatcher = flaky
+    return manager, flaky
+
+
+def test_a_queue_failure_midway_says_how_many_chunks_were_accepted_and_a_retry_completes() -> None:
+    manager, flaky = _behind_a_queue_failing_after_two_chunks()
     pin = Activity(actor=1, verb="pin", object=1)
     with pytest.raises(DispatchError) as raised:
         manager.add_user_activity(1, pin)
@@ -266,3 +273,29 @@ def test_adding_an_activity_takes_two_redis_round_trips_around_its_tasks(
         monkeypatch.undo()
         manager.storage.clear()
         manager.close()
+
+
+def test_a_fanout_the_queue_refused_settles_as_failed_until_it_is_added_again() -> None:
+    # Given a queue that takes two chunks and then fails
+    manager, flaky = _behind_a_queue_failing_after_two_chunks()
+    pin = Activity(actor=1, verb="pin", object=1)
+    with pytest.raises(DispatchError) as raised:
+        manager.add_user_activity(1, pin)
+    found = re.search(r"fanout (\S+) of", str(raised.value))
+    assert found is not None
+
+    # Then, once the two chunks the queue took have run, its status is settled and
+    # failed, not in flight until status_ttl
+    for task in flaky.sent:
+        manager.runner.run(task)
+    status = manager.fanout_status(found.group(1))
+    assert status is not None and status.settled and not status.complete
+    assert status.failed == 1 and status.total == 3
+
+    # And when the queue is back and the activity is added again, it completes
+    flaky.fail_after = None
+    receipt = manager.add_user_activity(1, pin)
+    for task in flaky.sent:
+        manager.runner.run(task)
+    final = manager.fanout_status(receipt)
+    assert final is not None and final.complete and final.failed == 0

@@ -1109,3 +1109,50 @@ def test_an_rq_manager_bound_in_code_runs_on_rq_with_its_own_connection(
     pin = _pin(user)
     status = _settle(harness, manager, manager.add_user_activity(user, pin))
     assert (status.done, status.failed) == (2, 0) and _everyone_has(manager, user, pin)
+
+
+def test_an_unreachable_redis_is_named_in_one_clean_sentence() -> None:
+    # Given RQ on a port where no Redis listens
+    settings = load_settings(
+        overrides={"dispatcher": "rq", "broker_url": "redis://127.0.0.1:1/0"}, env={}
+    )
+    dispatcher = RQDispatcher(settings)
+
+    # When it is asked to reach the broker
+    with pytest.raises(BrokerError) as raised:
+        dispatcher.ping()
+
+    # Then the message names the URL and the setting, without redis-py's period doubled
+    message = str(raised.value)
+    assert "redis://127.0.0.1:1/0" in message and "broker_url" in message
+    assert ".." not in message
+
+
+@pytest.mark.broker
+def test_a_fanout_the_broker_refuses_says_why_and_what_to_do_in_clean_sentences(
+    feedfan_redis_url: str,
+) -> None:
+    # Given feeds on a reachable Redis and an RQ broker where no Redis listens
+    settings = load_settings(
+        overrides={
+            "dispatcher": "rq",
+            "redis_url": feedfan_redis_url,
+            "broker_url": "redis://127.0.0.1:1/0",
+            "key_prefix": f"fft-{uuid.uuid4().hex[:8]}:",
+        },
+        env={},
+    )
+    manager = PinManager(settings=settings)
+    try:
+        # When an activity is added
+        with pytest.raises(DispatchError) as raised:
+            user = make_user(f"fft-{uuid.uuid4().hex[:8]}", 2, 1)
+            manager.add_user_activity(user, Activity(actor=user, verb="pin", object=1))
+    finally:
+        manager.storage.clear()
+        manager.close()
+
+    # Then the error says what failed and how to complete it, with no doubled period
+    message = str(raised.value)
+    assert "Call the same method again" in message
+    assert ".." not in message
