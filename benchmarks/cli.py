@@ -153,12 +153,12 @@ def _baselines(run: Run, *, full: bool) -> dict[str, Any]:
         prefix=f"ffbench:{run.run_id}-modes:",
     )
     if plan.peer:
-        print("Stream Framework 1.4.0 peer ...", file=sys.stderr, flush=True)
         section["stream_framework"] = run_peer(
             followers=plan.followers,
             redis_url=run.servers.redis_url,
             broker_url=run.servers.redis_broker_url,
             workers=plan.concurrency,
+            repeats=plan.repeats,
         )
     else:
         section["stream_framework"] = {"status": "skipped", "reason": "--no-peer or --smoke"}

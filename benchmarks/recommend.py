@@ -347,10 +347,18 @@ def _section_error(section: dict[str, Any]) -> str:
 
 
 def _target(
-    name: str, measured: float | None, required: float, *, higher: bool, note: str = ""
+    name: str,
+    measured: float | None,
+    required: float,
+    *,
+    higher: bool,
+    note: str = "",
+    judged: bool = True,
 ) -> dict[str, Any]:
-    if measured is None:
-        return {"target": name, "measured": None, "required": required, "met": None, "note": note}
+    """One target, met or missed (by how much); ``met`` is ``None`` if unmeasured or not judged."""
+    if measured is None or not judged:
+        shown = None if measured is None else round(measured, 4)
+        return {"target": name, "measured": shown, "required": required, "met": None, "note": note}
     met = measured >= required if higher else measured <= required
     if met:
         gap = ""
@@ -406,14 +414,25 @@ def check_targets(
     ]
     if chosen and chosen.get("producer_s") is not None:
         share = chosen["producer_s"] / chosen["end_to_end_s"]
+        inline = sweep.get("planning") == "inline"
+        if inline:
+            # The sweep plans inline to time chunks alone; the target is for the default
+            # (auto: background from planning_threshold on), which a full run does not use.
+            note = (
+                f"not judged: this sweep planned inline ({share:.1%} at {followers:,} "
+                "followers); the target is for background planning at 1,000,000 followers: "
+                "python -m benchmarks.planning"
+            )
+        else:
+            note = f"{sweep.get('planning') or 'configured'} planning, {followers:,} followers"
         targets.append(
             _target(
                 "add_user_activity < 1% of end-to-end time",
                 share,
                 0.01,
                 higher=False,
-                note=f"{sweep.get('planning') or 'configured'} planning, {followers:,} followers; "
-                "the target is for background planning at 1,000,000: benchmarks.planning",
+                note=note,
+                judged=not inline,
             )
         )
     peaks = [p["memory"].get("producer_rss_peak_mb") for p in points.values() if p.get("memory")]

@@ -45,6 +45,13 @@ def _table(
     return title + "\n" + "\n".join(body) + "\n"
 
 
+def _spread(rates: list[float] | None) -> str:
+    """``; median of 3 (4,920 to 5,784)`` for a baseline measured more than once."""
+    if not rates or len(rates) < 2:
+        return ""
+    return f"; median of {len(rates)} ({_fmt(min(rates))} to {_fmt(max(rates))})"
+
+
 def _baselines_text(results: dict[str, Any]) -> str:
     baselines = results.get("baselines") or {}
     out = []
@@ -55,10 +62,12 @@ def _baselines_text(results: dict[str, Any]) -> str:
             ("one client, pipeline", "redis_pipeline"),
             ("one client, Lua script", "redis_script"),
         ):
-            rows.append([name, _fmt(raw[key]["writes_per_s"]), f"{raw['followers']:,} feeds"])
+            note = f"{raw['followers']:,} feeds{_spread(raw[key].get('writes_per_s_all'))}"
+            rows.append([name, _fmt(raw[key]["writes_per_s"]), note])
     peer = baselines.get("stream_framework")
     if peer:
-        detail = peer.get("error") or peer.get("reason") or f"{peer.get('followers', 0):,} feeds"
+        feeds = f"{peer.get('followers', 0):,} feeds{_spread(peer.get('writes_per_s_all'))}"
+        detail = peer.get("error") or peer.get("reason") or feeds
         rows.append(["Stream Framework 1.4.0", _fmt(peer.get("writes_per_s")), str(detail)[:70]])
     if rows:
         out.append(
@@ -210,9 +219,13 @@ def _targets_text(results: dict[str, Any]) -> str:
     for label, targets in results.get("targets", {}).items():
         for t in targets:
             met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-            rows.append([label, t["target"], _fmt(t["measured"], ",.3g"), met, t["note"][:70]])
+            rows.append([label, t["target"], _fmt(t["measured"], ",.3g"), met, t["note"]])
+    title = "Targets of the issue"
+    mode = (results.get("plan") or {}).get("mode")
+    if mode in ("quick", "smoke"):
+        title += f" ({mode} run: a first look; judge the targets on a full run)"
     return _table(
-        "Targets of the issue",
+        title,
         ["backend", "target", "measured", "", "note"],
         rows,
         text=(0, 1, 3, 4),

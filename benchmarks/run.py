@@ -79,7 +79,8 @@ def plan_for(mode: str, **overrides: Any) -> Plan:
         plan = Plan(
             mode,
             followers=50_000,
-            chunk_sizes=(10, 100, 500, 2500),
+            # 250 and 1000 give a size to step down to when HIGH waits too long.
+            chunk_sizes=(10, 100, 250, 500, 1000, 2500),
             repeats=1,
             backlog_writes=500_000,
             backlog_fanout=50_000,

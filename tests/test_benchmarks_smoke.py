@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from benchmarks.backend import parse_backend_name
+from benchmarks.baselines import peer_summary
 from benchmarks.fanout import _Watcher
 from benchmarks.recommend import check_targets, cost_model, recommend, verify_priority
+from benchmarks.report import _targets_text
 from benchmarks.run import plan_for
 from feedfan.dispatch import resolve_dispatcher_class
 from feedfan.storage.redis import RedisStorage
@@ -362,3 +364,119 @@ def test_a_fanout_is_timed_from_a_watcher_already_connected_and_polling_from_its
         watcher.stop()
         storage.clear()
         storage.close()
+
+
+def test_stream_framework_counts_as_the_median_of_its_runs_like_every_sweep_point() -> None:
+    # Given three runs of the peer, one of them slowed by a busy machine
+    runs = [
+        {"feed_writes_per_s": 9_000.0, "end_to_end_s": 11.1},
+        {"feed_writes_per_s": 4_000.0, "end_to_end_s": 25.0},
+        {"feed_writes_per_s": 10_000.0, "end_to_end_s": 10.0},
+    ]
+
+    # When they are summed up as the baseline
+    peer = peer_summary(runs, followers=100_000)
+
+    # Then the middle run counts, and every run's rate is kept beside it
+    assert peer["status"] == "ok"
+    assert peer["writes_per_s"] == 9_000.0
+    assert peer["end_to_end_s"] == 11.1
+    assert peer["writes_per_s_all"] == [9_000, 4_000, 10_000]
+    assert peer["result"] is runs[0]
+
+
+def test_a_failed_stream_framework_run_fails_the_baseline_rather_than_leaving_fewer_runs() -> None:
+    # Given a run whose result names no rate
+    runs = [{"feed_writes_per_s": 9_000.0}, {"end_to_end_s": 3.0}]
+
+    # When they are summed up
+    peer = peer_summary(runs, followers=100_000)
+
+    # Then the baseline is failed, saying which run
+    assert peer["status"] == "failed"
+    assert "run 2 of 2" in peer["error"]
+
+
+def _share_target(planning: str | None) -> dict[str, Any]:
+    sweep = _sweep(_point(100, 150_000, 0.05, e2e=1.0))
+    sweep["points"][0]["producer_s"] = 0.1
+    if planning is not None:
+        sweep["planning"] = planning
+    targets = check_targets(sweep, recommend(sweep), {}, None)
+    (share,) = [t for t in targets if t["target"].startswith("add_user_activity")]
+    return share
+
+
+def test_a_sweep_planned_inline_does_not_judge_the_add_user_activity_target() -> None:
+    # Given a sweep that planned inline, its producer busy a tenth of the fanout
+    # When the targets are checked
+    share = _share_target("inline")
+
+    # Then the share is shown but not judged: the target is for background planning
+    assert share["met"] is None
+    assert share["measured"] == pytest.approx(0.1)
+    assert "inline" in share["note"]
+    assert "python -m benchmarks.planning" in share["note"]
+
+
+def test_a_sweep_planned_in_the_background_is_judged_on_the_add_user_activity_target() -> None:
+    # Given the same share from a sweep planned by the workers
+    # When the targets are checked
+    share = _share_target("background")
+
+    # Then it is missed, by how much
+    assert share["met"] is False
+    assert "10.00x the allowed value" in share["note"]
+
+
+def test_the_report_prints_a_targets_note_whole() -> None:
+    # Given a target whose note is longer than a terminal line
+    note = "missed: 10.51x the allowed value; " + "a reason that goes on " * 6 + "to its end"
+    results = {
+        "targets": {"rq-redis": [{"target": "t", "measured": 1.0, "met": False, "note": note}]}
+    }
+
+    # When the targets table is rendered
+    text = _targets_text(results)
+
+    # Then none of the note is cut off
+    assert "to its end" in text
+
+
+def test_a_quick_run_has_a_size_between_100_and_500_to_step_down_to() -> None:
+    # Given a quick run's sweep, recommending 500
+    sizes = plan_for("quick").chunk_sizes
+    sweep = _sweep(*[_point(c, min(c, 500) * 300.0, 0.05, e2e=100_000 / c / 300) for c in sizes])
+    recommendation = {"chunk_size": 500, "reasons": []}
+
+    # When HIGH fanouts wait too long at 500 but not below
+    verified, _ = verify_priority(
+        recommendation, sweep, lambda chunk: _priority_section(chunk, 2.2 if chunk >= 500 else 1.4)
+    )
+
+    # Then the quick run steps down to 250, not straight to Stream Framework's 100
+    assert verified["chunk_size"] == 250
+
+
+def test_a_quick_report_says_its_targets_are_judged_on_a_full_run() -> None:
+    # Given a quick run's targets
+    target = {"target": "t", "measured": 1.0, "met": False, "note": "missed"}
+    results = {"plan": {"mode": "quick"}, "targets": {"rq-redis": [target]}}
+
+    # When the targets table is rendered
+    text = _targets_text(results)
+
+    # Then its title says a quick run is a first look
+    assert "quick run" in text.splitlines()[0]
+    assert "full run" in text.splitlines()[0]
+
+
+def test_of_two_stream_framework_runs_the_faster_counts_so_ratios_to_it_are_not_flattered() -> None:
+    # Given two runs of the peer
+    runs = [{"feed_writes_per_s": 5_000.0}, {"feed_writes_per_s": 6_000.0}]
+
+    # When they are summed up as the baseline
+    peer = peer_summary(runs, followers=100_000)
+
+    # Then the faster one is the divisor of every x-Stream-Framework ratio
+    assert peer["writes_per_s"] == 6_000.0
