@@ -130,9 +130,9 @@ class _KeepingConsumer(_RedisConsumer):
             found = broker.client.hmget(f"{broker.namespace}:{queue}.msgs", held) if held else []
             for message_id, data in zip(held, found, strict=True):
                 if data is not None and matches(data):
-                    broker.do_nack(queue, message_id.decode())
                     if annotate is not None:
-                        _annotate(broker, queue, message_id.decode(), annotate, reason)
+                        annotate_held(broker, queue, message_id.decode(), annotate, reason)
+                    broker.do_nack(queue, message_id.decode())
                     logger.warning(
                         "feedfan: refused a message on queue %s, %s; moved it to %s and went on",
                         queue,
@@ -152,14 +152,33 @@ def _message_id(data: bytes) -> str | None:
         return None
 
 
-def _annotate(broker: RedisBroker, queue: str, message_id: str, message: Any, reason: str) -> None:
-    """Write ``reason`` into the options of the dead letter ``message_id`` of ``queue``."""
-    xq = f"{broker.namespace}:{xq_name(queue)}"
-    if broker.client.zscore(xq, message_id) is None:
-        return
+_ANNOTATE_HELD = """
+if redis.call("sismember", KEYS[1], ARGV[1]) == 1 and redis.call("hexists", KEYS[2], ARGV[1]) == 1 then
+    redis.call("hset", KEYS[2], ARGV[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+
+
+def annotate_held(
+    broker: RedisBroker, queue: str, message_id: str, message: Any, reason: str
+) -> bool:
+    """Write ``reason`` into the data of ``message_id``, which this worker holds on ``queue``.
+
+    Called just before Dramatiq's nack, which moves the data as it is to
+    ``<queue>.XQ.msgs`` in one script: the dead letter never shows without
+    its reason. Nothing is written unless this worker still holds the
+    message (a message given back to its queue runs again as it was sent).
+    """
     options = {**message.options, REASON_OPTION: reason, DEAD_AT_OPTION: current_millis()}
     data = Message(**{**message.asdict(), "options": options}).encode()
-    broker.client.hset(f"{xq}.msgs", message_id, data)
+    keys = [
+        f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}",
+        f"{broker.namespace}:{queue}.msgs",
+    ]
+    script = broker.client.register_script(_ANNOTATE_HELD)
+    return bool(script(keys=keys, args=[message_id, data]))
 
 
 class FeedfanRedisBroker(RedisBroker):
@@ -296,11 +315,11 @@ class RedisQueues(BrokerQueues):
             pipe.execute()
         return replayed
 
-    def annotate(self, queue: str, message: Any) -> None:
-        """Write the reason in ``message``'s options into the dead letter Dramatiq just moved."""
+    def annotate(self, message: Any, reason: str) -> None:
+        """Write ``reason`` into the data of ``message``, held by this worker, before its nack."""
         message_id = message.options.get("redis_message_id")
         if message_id:
-            _annotate(self.broker, queue, message_id, message, message.options[REASON_OPTION])
+            annotate_held(self.broker, message.queue_name, message_id, message, reason)
 
     def _ack_sets(self, queues: Sequence[str]) -> list[str]:
         """The ack-set keys every known worker may have for ``queues`` and their delay queues.

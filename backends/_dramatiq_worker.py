@@ -90,9 +90,11 @@ class FeedfanFailures(Middleware):
     it raised a :class:`PayloadError`, declared in the actors' ``throws``, or
     ran out of retries). The reason goes into the dead letter's options
     (``feedfan_reason``). On RabbitMQ the annotated copy is published to
-    ``<queue>.XQ`` in a transaction and the original acked; on Redis Dramatiq's
-    nack moves the message and :meth:`after_nack` writes the reason into it.
-    If writing the reason fails, Dramatiq's plain dead-lettering still happens.
+    ``<queue>.XQ`` in a transaction and the original acked; on Redis the
+    reason is written into the held message's data, which Dramatiq's nack
+    then moves to ``<queue>.XQ`` as it is, so no dead letter is ever seen
+    without its reason. If writing the reason fails, Dramatiq's plain
+    dead-lettering still happens.
     """
 
     def __init__(self, settings: Settings, queues: BrokerQueues) -> None:
@@ -125,10 +127,14 @@ class FeedfanFailures(Middleware):
                 get_runner().give_up(message.args[0], queue=queue, reason=reason)
             except Exception:  # the dead letter below must be kept even so
                 logger.exception("feedfan could not record a given-up task of queue %s", queue)
+        if isinstance(self.queues, RedisQueues):
+            try:
+                self.queues.annotate(message, reason)  # Dramatiq's nack then moves it as written
+            except self.queues.errors:
+                logger.exception("feedfan could not write the reason of a dead letter of %s", queue)
+            return
         message.options[REASON_OPTION] = reason
         message.options[DEAD_AT_OPTION] = current_millis()
-        if isinstance(self.queues, RedisQueues):
-            return  # annotated in after_nack, once Dramatiq has moved it
         try:
             dead: Message[Any] = Message(**{**message.asdict(), "queue_name": queue})
             self.queues.push_raw(xq_name(queue), dead.encode())
@@ -136,15 +142,6 @@ class FeedfanFailures(Middleware):
             logger.exception("feedfan could not write the reason of a dead letter of %s", queue)
             return
         message.failed = False  # kept in the XQ with its reason: ack the original
-
-    def after_nack(self, broker: Broker, message: MessageProxy) -> None:
-        """On Redis, write the reason into the dead letter Dramatiq has just moved."""
-        if not isinstance(self.queues, RedisQueues) or REASON_OPTION not in message.options:
-            return
-        try:
-            self.queues.annotate(q_name(message.queue_name), message)
-        except self.queues.errors:
-            logger.exception("feedfan could not write the reason of a dead letter")
 
 
 def declare_actors(broker: Broker, settings: Settings) -> None:

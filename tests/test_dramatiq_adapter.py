@@ -194,6 +194,40 @@ def test_a_malformed_payload_is_dead_lettered_at_once_with_its_reason(harness: H
 
 
 @pytest.mark.broker
+def test_on_redis_a_dead_letter_holds_its_reason_the_moment_it_appears(
+    feedfan_redis_url: str, tmp_path: Path
+) -> None:
+    # Given a message of feedfan's that a Redis consumer of a worker's broker holds
+    harness = Harness("dramatiq", log_dir=tmp_path, redis_url=feedfan_redis_url)
+    try:
+        settings = harness.settings()
+        dispatcher = _dispatcher(harness.manager(settings))
+        broker = build_broker(settings)
+        declare_actors(broker, settings)
+        [failures] = [m for m in broker.middleware if isinstance(m, FeedfanFailures)]
+        dispatcher.push_raw(HIGH, b'{"v": 1, "kind": "chunk"}')
+        consumer = broker.consume(settings.queue_high, prefetch=1, timeout=100)
+        try:
+            message = next((m for m in consumer if m is not None), None)
+            assert message is not None
+            # When it fails for good and Dramatiq moves it to the dead letters (the nack),
+            # looked at before any hook that runs after the nack
+            message.fail()
+            failures.after_process_message(broker, message, exception=PayloadError("lacks x"))
+            consumer.nack(message)
+            [letter] = dispatcher.queues.dead_letters(settings.queue_high, limit=10)
+        finally:
+            consumer.close()
+        # Then the dead letter already carries its reason: nobody sees one without it
+        assert letter.message is not None
+        assert letter.message.options.get("feedfan_reason") == "malformed task: lacks x"
+        assert "feedfan_dead_lettered_at" in letter.message.options
+        assert dispatcher.queue_depth(HIGH) == 0
+    finally:
+        harness.close()
+
+
+@pytest.mark.broker
 def test_garbage_at_the_broker_level_is_kept_unpickled_and_the_worker_goes_on(
     harness: Harness, tmp_path: Path
 ) -> None:
