@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from feedfan.config import SETTINGS_DOC, Settings, load_settings
+from feedfan.config import ENV_PREFIX, SETTINGS_DOC, Settings, load_settings
 from feedfan.errors import ConfigurationError, FeedfanError, redact_url
 from feedfan.priority import FanoutPriority
 
@@ -62,6 +63,17 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:  # noqa: R
     env = {**os.environ, **settings.to_env(), **command.env}
     cwd = os.getcwd()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH", "")) if p)
+    if args.print_only:
+        # The worker reads its settings from the environment and config files, as this
+        # command did; what only the arguments said has to travel with the line.
+        given = {
+            ENV_PREFIX + name.upper(): str(getattr(settings, name))
+            for name, source in settings.sources.items()
+            if source.startswith("argument ") and getattr(settings, name) is not None
+        }
+        assignments = sorted({**given, **command.env}.items())
+        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in assignments), command.shell()]))
+        return 0
     shown = " ".join(
         f"{k}={redact_url(v) if '://' in v else v}" for k, v in sorted(command.env.items())
     )
@@ -70,9 +82,6 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:  # noqa: R
         file=sys.stderr,
         flush=True,
     )
-    if args.print_only:
-        print(command.shell())
-        return 0
     dispatcher.close()
     # Every worker loads the app to run a chunk: one that does not load is said here, once,
     # rather than by a worker that fails each chunk or a pool that restarts without end.

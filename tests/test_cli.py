@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,33 @@ def test_bad_configuration_exits_2_with_one_line_naming_the_source(tmp_path: Pat
     result = run("config", cwd=tmp_path, env={"FEEDFAN_FANOUT_CHUNK_SIZE": "0"})
     assert result.returncode == 2
     assert "environment variable FEEDFAN_FANOUT_CHUNK_SIZE" in result.stderr
+
+
+def test_worker_print_gives_one_line_that_carries_the_settings_given_as_arguments(
+    tmp_path: Path,
+) -> None:
+    # Given settings on the command line, and one from the environment
+    result = run(
+        *("worker", "--print", "--dispatcher", "rq", "--app", "shop.feeds:Feeds"),
+        *("--broker-url", "redis://127.0.0.1:6379/3", "--priority", "high"),
+        cwd=tmp_path,
+        env={"FEEDFAN_QUEUE_HIGH": "pins.high"},
+    )
+    # Then stdout holds one line to paste, and nothing repeats it on stderr
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert "rq" not in result.stderr
+    # And the line sets what the arguments said, since the worker reads its settings
+    # from the environment; what the environment already says is left to it
+    words = shlex.split(line)
+    assignments = dict(w.split("=", 1) for w in words[:3])
+    assert assignments == {
+        "FEEDFAN_APP": "shop.feeds:Feeds",
+        "FEEDFAN_BROKER_URL": "redis://127.0.0.1:6379/3",
+        "FEEDFAN_DISPATCHER": "rq",
+    }
+    assert Path(words[3]).name == "rq" and words[-1] == "pins.high"
+    assert "FEEDFAN_QUEUE_HIGH" not in line
 
 
 def test_a_worker_for_an_in_process_dispatcher_explains_there_is_none(
