@@ -143,7 +143,14 @@ def _sweep_text(results: dict[str, Any]) -> str:
 
 
 def _recommendations_text(results: dict[str, Any]) -> str:
-    out = ["Recommended fanout_chunk_size"]
+    title = "Recommended fanout_chunk_size"
+    plan = results.get("plan") or {}
+    if plan.get("mode") in ("quick", "smoke"):
+        title += (
+            f" ({plan['mode']} run, {plan.get('followers', 0):,} followers: a first look; "
+            "choose the size to configure from a full run)"
+        )
+    out = [title]
     for label, rec in results.get("recommendations", {}).items():
         layout = " (with a dedicated HIGH worker)" if rec.get("layout") == "dedicated" else ""
         out.append(f"  {label}: {rec.get('chunk_size') or 'none'}{layout}")

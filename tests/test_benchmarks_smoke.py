@@ -21,7 +21,7 @@ from benchmarks.backend import parse_backend_name
 from benchmarks.baselines import peer_summary
 from benchmarks.fanout import _Watcher
 from benchmarks.recommend import check_targets, cost_model, recommend, verify_priority
-from benchmarks.report import _targets_text
+from benchmarks.report import _recommendations_text, _targets_text
 from benchmarks.run import plan_for
 from feedfan.dispatch import resolve_dispatcher_class
 from feedfan.storage.redis import RedisStorage
@@ -469,6 +469,27 @@ def test_a_quick_report_says_its_targets_are_judged_on_a_full_run() -> None:
     # Then its title says a quick run is a first look
     assert "quick run" in text.splitlines()[0]
     assert "full run" in text.splitlines()[0]
+
+
+@pytest.mark.parametrize("mode", ["smoke", "quick"])
+def test_a_small_run_says_its_recommendation_is_a_first_look(mode: str) -> None:
+    # Given a small run's recommendation
+    results = {
+        "plan": {"mode": mode, "followers": 2_000},
+        "recommendations": {"rq-redis": {"chunk_size": 250, "reasons": ["fastest"]}},
+    }
+
+    # When the recommendations are rendered
+    title = _recommendations_text(results).splitlines()[0]
+
+    # Then their title says to choose the size to configure from a full run
+    assert f"{mode} run" in title and "2,000 followers" in title
+    assert "full run" in title
+
+
+def test_a_full_runs_recommendation_has_no_caveat() -> None:
+    results = {"plan": {"mode": "full"}, "recommendations": {}}
+    assert _recommendations_text(results).splitlines()[0] == "Recommended fanout_chunk_size"
 
 
 def test_of_two_stream_framework_runs_the_faster_counts_so_ratios_to_it_are_not_flattered() -> None:
