@@ -11,10 +11,14 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from feedfan.config import ENV_PREFIX, SETTINGS_DOC, Settings, load_settings
 from feedfan.errors import ConfigurationError, FeedfanError, redact_url
 from feedfan.priority import FanoutPriority
+
+if TYPE_CHECKING:
+    from feedfan.dispatch import WorkerCommand
 
 __all__ = ["main"]
 
@@ -64,15 +68,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:  # noqa: R
     cwd = os.getcwd()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH", "")) if p)
     if args.print_only:
-        # The worker reads its settings from the environment and config files, as this
-        # command did; what only the arguments said has to travel with the line.
-        given = {
-            ENV_PREFIX + name.upper(): str(getattr(settings, name))
-            for name, source in settings.sources.items()
-            if source.startswith("argument ") and getattr(settings, name) is not None
-        }
-        assignments = sorted({**given, **command.env}.items())
-        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in assignments), command.shell()]))
+        _print_worker_line(settings, command, env, layers=getattr(args, "layers", ()))
         return 0
     shown = " ".join(
         f"{k}={redact_url(v) if '://' in v else v}" for k, v in sorted(command.env.items())
@@ -89,6 +85,42 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:  # noqa: R
 
     load_app(settings.app, settings).close()
     os.execvpe(command.argv[0], command.argv, env)
+
+
+def _print_worker_line(
+    settings: Settings, command: WorkerCommand, env: Mapping[str, str], *, layers: Sequence[str]
+) -> None:
+    """Print the worker command as one line to paste, with what its environment needs.
+
+    A worker reads its settings from the environment and config files, as this
+    command did. What only the arguments or an extra layer (``settings.FEEDFAN``)
+    said travels with the line, as do the path and Django settings module
+    ``feedfan worker`` would give it. A value holding a password is left out
+    and named on stderr, for the user to set.
+    """
+    starts = ("argument ", *(f"{name}[" for name in layers))
+    wanted = {
+        ENV_PREFIX + name.upper()
+        for name, source in settings.sources.items()
+        if source.startswith(starts)
+    }
+    wanted |= {*command.env, "PYTHONPATH", "DJANGO_SETTINGS_MODULE"}
+    shown, withheld = [], []
+    for name in sorted(wanted):
+        value = env.get(name)
+        if value is None:
+            continue
+        if "://" in value and redact_url(value) != value:
+            withheld.append(name)
+        else:
+            shown.append(f"{name}={shlex.quote(value)}")
+    print(" ".join([*shown, command.shell()]))
+    if withheld:
+        print(
+            f"feedfan worker: {', '.join(withheld)} not printed as it holds a password; "
+            "set it in the worker's environment.",
+            file=sys.stderr,
+        )
 
 
 def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -292,6 +324,7 @@ def main(
         sys.path.insert(0, os.getcwd())
     try:
         settings = load_settings(_overrides(args), extra_layers=extra_layers)
+        args.layers = [name for name, _ in extra_layers]
         return _COMMANDS[args.command](args, settings)
     except ConfigurationError as e:
         print(f"feedfan {args.command}: {e}", file=sys.stderr)

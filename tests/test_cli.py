@@ -64,6 +64,13 @@ def test_bad_configuration_exits_2_with_one_line_naming_the_source(tmp_path: Pat
     assert "environment variable FEEDFAN_FANOUT_CHUNK_SIZE" in result.stderr
 
 
+def _pasteable(line: str) -> tuple[dict[str, str], list[str]]:
+    """The assignments a printed worker line starts with, and the command after them."""
+    words = shlex.split(line)
+    count = next(i for i, word in enumerate(words) if "=" not in word)
+    return dict(w.split("=", 1) for w in words[:count]), words[count:]
+
+
 def test_worker_print_gives_one_line_that_carries_the_settings_given_as_arguments(
     tmp_path: Path,
 ) -> None:
@@ -79,16 +86,34 @@ def test_worker_print_gives_one_line_that_carries_the_settings_given_as_argument
     [line] = result.stdout.splitlines()
     assert "rq" not in result.stderr
     # And the line sets what the arguments said, since the worker reads its settings
-    # from the environment; what the environment already says is left to it
-    words = shlex.split(line)
-    assignments = dict(w.split("=", 1) for w in words[:3])
+    # from the environment, and the path `feedfan worker` gives it to find the app;
+    # what the environment already says is left to it
+    assignments, command = _pasteable(line)
+    assert assignments.pop("PYTHONPATH").split(os.pathsep)[0] == str(tmp_path)
     assert assignments == {
         "FEEDFAN_APP": "shop.feeds:Feeds",
         "FEEDFAN_BROKER_URL": "redis://127.0.0.1:6379/3",
         "FEEDFAN_DISPATCHER": "rq",
     }
-    assert Path(words[3]).name == "rq" and words[-1] == "pins.high"
-    assert "FEEDFAN_QUEUE_HIGH" not in line
+    assert Path(command[0]).name == "rq" and command[-1] == "pins.high"
+
+
+def test_worker_print_leaves_a_password_out_and_says_which_variable_to_set(
+    tmp_path: Path,
+) -> None:
+    # Given a broker URL with a password on the command line
+    result = run(
+        *("worker", "--print", "--dispatcher", "celery"),
+        *("--broker-url", "amqp://feeds:s3cret@127.0.0.1:5672/feeds"),
+        cwd=tmp_path,
+    )
+    # Then the printed line holds no password, and stderr names what to set by hand
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    assignments, _ = _pasteable(result.stdout)
+    assert "FEEDFAN_BROKER_URL" not in assignments
+    assert assignments["FEEDFAN_DISPATCHER"] == "celery"
+    assert "FEEDFAN_BROKER_URL" in result.stderr and "password" in result.stderr
 
 
 def test_a_worker_for_an_in_process_dispatcher_explains_there_is_none(

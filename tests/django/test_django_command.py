@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from typing import Any
@@ -56,8 +57,19 @@ def test_worker_print_shows_the_configured_queue_librarys_worker(
     call_command("feedfan", "worker", "--print", "--priority", "high")
     # Then it is RQ's worker on the HIGH queue alone
     printed = capsys.readouterr().out.strip()
-    assert " worker-pool " in printed and printed.endswith(" pins.high")
-    assert "pins.low" not in printed
+    words = shlex.split(printed)
+    count = next(i for i, word in enumerate(words) if "=" not in word)
+    command = words[count:]
+    assert command[1] == "worker-pool" and command[-1] == "pins.high"
+    assert "pins.low" not in command
+    # And the line carries what the worker reads from its environment and a shell lacks:
+    # settings.FEEDFAN, Django's settings module and the project's path
+    assignments = dict(w.split("=", 1) for w in words[:count])
+    assert assignments["FEEDFAN_DISPATCHER"] == "rq"
+    assert assignments["FEEDFAN_QUEUE_HIGH"] == "pins.high"
+    assert assignments["FEEDFAN_APP"].endswith("MyStreamManager")
+    assert assignments["DJANGO_SETTINGS_MODULE"] == "pinterest_test_settings"
+    assert "PYTHONPATH" in assignments
     # And the environment prepared for the worker did not leak into this process
     assert dict(os.environ) == before
 
