@@ -169,7 +169,9 @@ def annotate_held(
     Called just before Dramatiq's nack, which moves the data as it is to
     ``<queue>.XQ.msgs`` in one script: the dead letter never shows without
     its reason. Nothing is written unless this worker still holds the
-    message (a message given back to its queue runs again as it was sent).
+    message. Should the worker die between this write and the nack, the
+    message goes back to its queue with the reason in its options and runs
+    once more with no retry left; a malformed one is refused again at once.
     """
     options = {**message.options, REASON_OPTION: reason, DEAD_AT_OPTION: current_millis()}
     data = Message(**{**message.asdict(), "options": options}).encode()
