@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import threading
 import time
 import uuid
@@ -420,11 +421,13 @@ def test_the_worker_command_is_dramatiqs_own_and_feedfan_worker_prints_it(
     monkeypatch.chdir(tmp_path)
     for name in [v for v in os.environ if v.startswith("FEEDFAN_")]:
         monkeypatch.delenv(name)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("FEEDFAN_DISPATCHER", "dramatiq")
     monkeypatch.setenv("FEEDFAN_WORKER_CONCURRENCY", "3")
     monkeypatch.setenv("FEEDFAN_CHUNK_TIME_LIMIT", "30")
     assert main(["worker", "--print"]) == 0
-    assert capsys.readouterr().out.strip() == command.shell()
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"PYTHONPATH={shlex.quote(str(tmp_path))} {command.shell()}"
 
 
 def test_actors_take_retries_time_limit_and_priority_from_settings() -> None:
