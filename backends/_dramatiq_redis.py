@@ -55,6 +55,11 @@ URGENT_POLL_MS = 10
 _SCRIPT_LAYOUT_MARK = b"local max_unpack_size = ARGV[8]"
 
 
+def _ack_set(namespace: str, worker_id: str, queue: str) -> str:
+    """The key of the messages of ``queue`` that worker ``worker_id`` holds (dispatch.lua's)."""
+    return f"{namespace}:__acks__.{worker_id}.{queue}"
+
+
 class _KeepingConsumer(_RedisConsumer):
     """A Redis consumer that dead-letters the messages Dramatiq's own one chokes on.
 
@@ -124,7 +129,7 @@ class _KeepingConsumer(_RedisConsumer):
         self, matches: Callable[[bytes], bool], reason: str, *, annotate: Any = None
     ) -> None:
         broker, queue = self.broker, self.queue_name
-        acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}"
+        acks = _ack_set(broker.namespace, broker.broker_id, queue)
         try:
             held = sorted(broker.client.smembers(acks))
             found = broker.client.hmget(f"{broker.namespace}:{queue}.msgs", held) if held else []
@@ -163,7 +168,7 @@ return 0
 
 def annotate_held(
     broker: RedisBroker, queue: str, message_id: str, message: Any, reason: str
-) -> bool:
+) -> None:
     """Write ``reason`` into the data of ``message_id``, which this worker holds on ``queue``.
 
     Called just before Dramatiq's nack, which moves the data as it is to
@@ -176,11 +181,10 @@ def annotate_held(
     options = {**message.options, REASON_OPTION: reason, DEAD_AT_OPTION: current_millis()}
     data = Message(**{**message.asdict(), "options": options}).encode()
     keys = [
-        f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}",
+        _ack_set(broker.namespace, broker.broker_id, queue),
         f"{broker.namespace}:{queue}.msgs",
     ]
-    script = broker.client.register_script(_ANNOTATE_HELD)
-    return bool(script(keys=keys, args=[message_id, data]))
+    broker.client.register_script(_ANNOTATE_HELD)(keys=keys, args=[message_id, data])
 
 
 class FeedfanRedisBroker(RedisBroker):
@@ -333,9 +337,7 @@ class RedisQueues(BrokerQueues):
         workers: list[bytes] = self.client.zrange(f"{self.namespace}:__heartbeats__", 0, -1)  # type: ignore[assignment]
         names = [name for queue in queues for name in (queue, dq_name(queue))]
         return [
-            f"{self.namespace}:__acks__.{worker.decode()}.{name}"
-            for worker in workers
-            for name in names
+            _ack_set(self.namespace, worker.decode(), name) for worker in workers for name in names
         ]
 
     def ping(self) -> None:

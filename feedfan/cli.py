@@ -68,7 +68,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:  # noqa: R
     cwd = os.getcwd()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH", "")) if p)
     if args.print_only:
-        _print_worker_line(settings, command, env, layers=getattr(args, "layers", ()))
+        _print_worker_line(settings, command, env, layers=args.layers)
         return 0
     shown = " ".join(
         f"{k}={redact_url(v) if '://' in v else v}" for k, v in sorted(command.env.items())
